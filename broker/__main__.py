@@ -1,0 +1,5 @@
+"""Allows ``python -m broker``."""
+
+from broker.cli import main
+
+raise SystemExit(main())

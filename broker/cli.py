@@ -1,0 +1,80 @@
+"""The ``broker`` command: run the broker, migrate its database, test a mapping."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+from broker import __version__
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="broker", description="Modality worklist and workflow broker")
+    parser.add_argument("--version", action="version", version=f"broker {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("run", help="start the broker (HL7 listener)")
+    worker = commands.add_parser("worker", help="start a Celery worker on BROKER_REDIS_URL")
+    worker.add_argument("--concurrency", type=int, default=2)
+    db = commands.add_parser("db", help="database schema").add_subparsers(dest="db_command", required=True)
+    db.add_parser("upgrade", help="migrate the database to the newest schema")
+    mapping = commands.add_parser("mapping", help="HL7 -> DICOM mapping tools")
+    mapping_commands = mapping.add_subparsers(dest="mapping_command", required=True)
+    test = mapping_commands.add_parser("test", help="print the worklist item(s) a message would produce, "
+                                                    "without storing anything")
+    test.add_argument("file", type=Path, help="an HL7 message file (segments separated by CR or LF)")
+    test.add_argument("--json", action="store_true", help="print DICOM JSON instead of a dump")
+    config = commands.add_parser("config", help="settings").add_subparsers(dest="config_command", required=True)
+    config.add_parser("show", help="print the effective settings")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``broker`` console script; returns the exit status."""
+    args = _parser().parse_args(argv)
+    from broker import logs
+    from broker.config import SettingsError, load_settings
+    from broker.mapping.rules import MappingError
+    from broker.runtime import StartupError
+
+    try:
+        settings = load_settings()
+        logs.configure(settings.log_format, settings.log_level, settings.log_patient_data)
+        if args.command == "run":
+            asyncio.run(_run(settings))
+        elif args.command == "worker":
+            if not settings.redis_url:
+                raise StartupError("'broker worker' needs BROKER_REDIS_URL; with it empty, 'broker run' "
+                                   "processes tasks in-process")
+            from workers.celery_app import make_celery
+
+            make_celery(settings).worker_main(["worker", "--loglevel", settings.log_level,
+                                               "--concurrency", str(args.concurrency)])
+        elif args.command == "db":
+            from broker.store import migrate
+            from broker.store.session import make_engine
+
+            migrate.upgrade(make_engine(settings.database_url))
+            print("database is at the newest schema")
+        elif args.command == "mapping":
+            from broker.mapping.preview import preview
+
+            print(preview(args.file.read_bytes(), settings, as_json=args.json))
+        elif args.command == "config":
+            print(json.dumps(settings.model_dump(mode="json"), indent=2))
+    except (SettingsError, StartupError, MappingError) as exc:
+        print(f"broker: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"broker: {exc.strerror or exc}: {getattr(exc, 'filename', '') or ''}".rstrip(": "),
+              file=sys.stderr)
+        return 2
+    return 0
+
+
+async def _run(settings: object) -> None:
+    from broker.runtime import serve
+
+    await serve(settings)  # type: ignore[arg-type]

@@ -1,0 +1,127 @@
+"""Settings: defaults from ``config/broker.yaml``, overridden by ``BROKER_*`` environment variables.
+
+The YAML file is data that documents every setting; the model below validates it. Environment
+variables win over the file, so containers and the test harness can change one setting at a time.
+A bad value stops start-up with one line naming the setting (see :func:`load_settings`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+DEFAULT_CONFIG_PATH = Path("config/broker.yaml")
+
+
+class SettingsError(Exception):
+    """A setting is missing or invalid; the message is one line meant for the operator."""
+
+
+class Settings(BaseSettings):
+    """Every setting of the broker, with its default (kept equal to ``config/broker.yaml``)."""
+
+    model_config = SettingsConfigDict(env_prefix="BROKER_", extra="forbid")
+
+    database_url: str = "sqlite:///./var/broker.db"
+    redis_url: str = ""
+
+    hl7_host: str = "0.0.0.0"
+    hl7_port: int = Field(2575, ge=1, le=65535)
+    hl7_max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    hl7_idle_timeout: float = Field(600, gt=0)
+    hl7_max_connections: int = Field(200, ge=1)
+    hl7_workers: int = Field(8, ge=1, le=256)
+    mappings_dir: Path = Path("mappings")
+
+    ae_title: str = "BROKER"
+    dicom_port: int = Field(11112, ge=1, le=65535)
+    uid_root: str = ""
+
+    http_port: int = Field(8080, ge=1, le=65535)
+
+    log_format: Literal["json", "console"] = "json"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_patient_data: bool = False
+
+    @field_validator("ae_title")
+    @classmethod
+    def _valid_ae_title(cls, value: str) -> str:
+        if not value.strip() or len(value) > 16 or "\\" in value:
+            raise ValueError("an AE title has 1 to 16 characters and no backslash")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _valid_database_url(cls, value: str) -> str:
+        if not value.startswith(("sqlite", "postgresql")):
+            raise ValueError("only sqlite:/// and postgresql+psycopg:// URLs are supported")
+        return value
+
+    @field_validator("uid_root")
+    @classmethod
+    def _valid_uid_root(cls, value: str) -> str:
+        parts = value.split(".")
+        if value and (len(value) > 40 or not all(p.isdigit() and (p == "0" or not p.startswith("0"))
+                                                  for p in parts)):
+            raise ValueError("a UID root is dotted digits without leading zeros, at most 40 characters")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Order is priority: explicit arguments, then the environment, then the YAML file.
+        return (init_settings, env_settings, _YamlSource(settings_cls))
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    """Reads the YAML named by ``BROKER_CONFIG`` (default ``config/broker.yaml`` if present)."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        raise NotImplementedError  # __call__ is used instead
+
+    def __call__(self) -> dict[str, Any]:
+        return read_config_file()
+
+
+def read_config_file() -> dict[str, Any]:
+    """The settings in the YAML file, or ``{}`` when no file is named and the default is absent."""
+    named = os.environ.get("BROKER_CONFIG")
+    path = Path(named) if named else DEFAULT_CONFIG_PATH
+    if not path.exists():
+        if named:
+            raise SettingsError(f"BROKER_CONFIG names {path}, which does not exist")
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise SettingsError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(data, dict):
+        raise SettingsError(f"{path} must hold a mapping of setting: value")
+    return data
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build the settings, turning any validation failure into a one-line :class:`SettingsError`."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = ".".join(str(p) for p in first["loc"])
+        env_name = f"BROKER_{name.upper()}"
+        shown = os.environ.get(env_name)
+        where = f"{env_name}={shown!r}" if shown is not None else f"setting {name!r}"
+        problem = first["msg"]
+        if first["type"] == "extra_forbidden":
+            problem = "unknown setting"
+        raise SettingsError(f"invalid {where}: {problem}") from exc

@@ -1,0 +1,59 @@
+"""DICOM JSON (PS3.18 F.2) helpers: build and read elements by keyword.
+
+Worklist items are stored in this form; both the mapping (which builds them) and the domain (which
+updates them) use these few functions so there is one way to write an element.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+
+# A DICOM JSON element, e.g. {"vr": "PN", "Value": [{"Alphabetic": "DOE^JANE"}]}.
+JsonElement = dict[str, Any]
+# A DICOM JSON dataset: tag ("00100010") -> element.
+JsonDataset = dict[str, JsonElement]
+
+
+@cache
+def tag_of(keyword: str) -> str:
+    """DICOM JSON tag key ("00100010") of a keyword."""
+    tag = tag_for_keyword(keyword)
+    if tag is None:
+        raise KeyError(f"not a DICOM keyword: {keyword}")
+    return f"{tag:08X}"
+
+
+@cache
+def vr_of(keyword: str) -> str:
+    """The VR of a keyword from the DICOM data dictionary."""
+    return str(dictionary_VR(keyword))
+
+
+def element(keyword: str, value: Any) -> JsonElement:
+    """A DICOM JSON element; ``None``, '' or [] gives an element without Value (an empty attribute)."""
+    vr = vr_of(keyword)
+    if value is None or value == "" or value == []:
+        return {"vr": vr}
+    if vr == "SQ":
+        return {"vr": vr, "Value": value}
+    if vr == "PN":
+        return {"vr": vr, "Value": [{"Alphabetic": value}]}
+    return {"vr": vr, "Value": [value]}
+
+
+def element_value(elem: JsonElement | None) -> Any:
+    """The first value of a DICOM JSON element (PN: its alphabetic group), or '' when empty."""
+    if not elem or not elem.get("Value"):
+        return ""
+    first = elem["Value"][0]
+    if isinstance(first, dict) and elem.get("vr") == "PN":
+        return first.get("Alphabetic", "")
+    return first
+
+
+def value(dataset: JsonDataset, keyword: str) -> str:
+    """First value of ``keyword`` in ``dataset`` as a string ('' when absent or empty)."""
+    return str(element_value(dataset.get(tag_of(keyword))))

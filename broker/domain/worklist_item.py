@@ -1,0 +1,96 @@
+"""The stored worklist item (DICOM JSON) and the indexed columns derived from it.
+
+The columns are always computed from the item by :func:`index_columns`, never set by hand, so the
+JSON returned to a modality and the columns a C-FIND matches on cannot disagree.
+"""
+
+from __future__ import annotations
+
+import copy
+from datetime import datetime
+from typing import Any
+
+from broker.dicom_json import JsonDataset, element, tag_of, value
+
+SPS_SEQUENCE = tag_of("ScheduledProcedureStepSequence")
+PATIENT_LEVEL = (
+    "PatientName", "PatientID", "IssuerOfPatientID", "OtherPatientIDsSequence", "PatientBirthDate",
+    "PatientSex",
+)
+
+
+def step_item(item: JsonDataset) -> JsonDataset:
+    """The single Scheduled Procedure Step Sequence item of a worklist item."""
+    sequence = item.get(SPS_SEQUENCE, {}).get("Value") or [{}]
+    step: JsonDataset = sequence[0]
+    return step
+
+
+def build_item(mapped: JsonDataset, patient_attributes: JsonDataset, status: str) -> JsonDataset:
+    """A stored item: the mapped item with the patient's current attributes and the step status."""
+    item = copy.deepcopy(mapped)
+    item.update(copy.deepcopy(patient_attributes))
+    set_status(item, status)
+    return item
+
+
+def set_status(item: JsonDataset, status: str) -> None:
+    """Write SPS Status into the item's step (0040,0020)."""
+    step_item(item)[tag_of("ScheduledProcedureStepStatus")] = element("ScheduledProcedureStepStatus", str(status))
+
+
+def apply_patient_attributes(item: JsonDataset, attributes: JsonDataset) -> None:
+    """Overwrite the item's patient-level attributes with ``attributes`` (ADT propagation)."""
+    item.update(copy.deepcopy(attributes))
+
+
+def _norm(pn: str) -> str:
+    return pn.upper()
+
+
+def scheduled_start(date: str, time: str) -> datetime | None:
+    """SPS Start Date + Time as one datetime (the key of the combined date-time range)."""
+    if len(date) != 8 or not date.isdigit():
+        return None
+    digits = (time.split(".")[0] + "000000")[:6] if time else "000000"
+    try:
+        return datetime.strptime(date + digits, "%Y%m%d%H%M%S")
+    except ValueError:
+        return None
+
+
+def index_columns(item: JsonDataset) -> dict[str, Any]:
+    """The matching-key columns of ``scheduled_steps`` for one item."""
+    step = step_item(item)
+    start_date = value(step, "ScheduledProcedureStepStartDate")
+    start_time = value(step, "ScheduledProcedureStepStartTime")
+    patient_name = value(item, "PatientName")
+    performing = value(step, "ScheduledPerformingPhysicianName")
+    return {
+        "sps_id": value(step, "ScheduledProcedureStepID"),
+        "sps_status": value(step, "ScheduledProcedureStepStatus"),
+        "scheduled_station_ae_title": value(step, "ScheduledStationAETitle"),
+        "scheduled_station_name": value(step, "ScheduledStationName"),
+        "sps_location": value(step, "ScheduledProcedureStepLocation"),
+        "sps_start_date": start_date,
+        "sps_start_time": start_time,
+        "scheduled_start": scheduled_start(start_date, start_time),
+        "modality": value(step, "Modality"),
+        "performing_physician": performing,
+        "performing_physician_norm": _norm(performing),
+        "patient_name": patient_name,
+        "patient_name_norm": _norm(patient_name),
+        "patient_id": value(item, "PatientID"),
+        "issuer_of_patient_id": value(item, "IssuerOfPatientID"),
+        "patient_birth_date": value(item, "PatientBirthDate"),
+        "patient_sex": value(item, "PatientSex"),
+        "accession_number": value(item, "AccessionNumber"),
+        "requested_procedure_id": value(item, "RequestedProcedureID"),
+        "study_instance_uid": value(item, "StudyInstanceUID"),
+        "referring_physician": value(item, "ReferringPhysicianName"),
+        "requesting_physician": value(item, "RequestingPhysician"),
+        "admission_id": value(item, "AdmissionID"),
+        "placer_order_number": value(item, "PlacerOrderNumberImagingServiceRequest"),
+        "filler_order_number": value(item, "FillerOrderNumberImagingServiceRequest"),
+        "specific_character_set": value(item, "SpecificCharacterSet"),
+    }

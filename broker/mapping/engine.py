@@ -1,0 +1,422 @@
+"""Applies a :class:`~broker.mapping.rules.Mapping` to a parsed HL7 message.
+
+The message is cut into scopes: message-level segments (MSH, PID, PV1, ...), one group per ORC, one
+detail per OBR inside it, and one step per IPC (or one step per OBR when there is no IPC). A field
+path is looked up in the innermost scope first, so ``OBR-18`` means "this order's OBR" and ``PID-5``
+the message's patient. Every problem is collected, so an ERR segment names each bad field at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydicom.uid import generate_uid
+
+from broker.dicom_json import JsonDataset, element, element_value, tag_of
+from broker.domain.records import (
+    OrderRecord,
+    PatientKey,
+    PatientRecord,
+    ProcedureRecord,
+    StepRecord,
+)
+from broker.hl7.errors import DATA_TYPE_ERROR, REQUIRED_FIELD_MISSING, MessageError, Problem
+from broker.hl7.message import NULL, Message, Segment
+from broker.mapping import transforms
+from broker.mapping.charsets import Charset
+from broker.mapping.rules import AttributeRule, FieldPath, Mapping
+
+MESSAGE_LEVEL_END = "ORC"
+
+
+@dataclass
+class Located:
+    """A segment with its occurrence number in the message (for ERR segment sequence)."""
+
+    segment: Segment
+    sequence: int
+
+
+@dataclass
+class Scope:
+    """Segments visible from one step: innermost layer first."""
+
+    layers: list[dict[str, Located]]
+
+    def find(self, name: str) -> Located | None:
+        for layer in self.layers:
+            if name in layer:
+                return layer[name]
+        return None
+
+
+@dataclass
+class MappedMessage:
+    """What one message means: its patient and, for order messages, its orders."""
+
+    patient: PatientRecord | None
+    orders: list[OrderRecord] = field(default_factory=list)
+
+
+class Mapper:
+    """Maps one message with one mapping; create one per message (it collects problems)."""
+
+    def __init__(self, message: Message, mapping: Mapping, charset: Charset, uid_root: str = "") -> None:
+        self.message = message
+        self.mapping = mapping
+        self.charset = charset
+        self.uid_root = uid_root
+        self.problems: list[Problem] = []
+        self._message_scope, self._groups = self._cut_scopes()
+
+    # --- scopes ----------------------------------------------------------------------------------
+    def _cut_scopes(self) -> tuple[dict[str, Located], list[tuple[dict[str, Located], list[Any]]]]:
+        """Message-level segments, then per ORC: group segments and details (OBR -> steps)."""
+        counts: dict[str, int] = {}
+        message_level: dict[str, Located] = {}
+        groups: list[tuple[dict[str, Located], list[Any]]] = []
+        for segment in self.message.segments:
+            counts[segment.name] = counts.get(segment.name, 0) + 1
+            located = Located(segment, counts[segment.name])
+            if segment.name == "ORC":
+                groups.append(({"ORC": located}, []))
+            elif not groups:
+                message_level.setdefault(segment.name, located)
+            elif segment.name == "OBR":
+                groups[-1][1].append(({"OBR": located}, []))
+            elif segment.name == "IPC" and groups[-1][1]:
+                groups[-1][1][-1][1].append({"IPC": located})
+            elif groups[-1][1]:
+                groups[-1][1][-1][0].setdefault(segment.name, located)
+            else:
+                groups[-1][0].setdefault(segment.name, located)
+        return message_level, groups
+
+    def message_scope(self) -> Scope:
+        return Scope([self._message_scope])
+
+    # --- values ----------------------------------------------------------------------------------
+    def _raw_value(self, located: Located, path: FieldPath) -> str:
+        return self.message.value(located.segment, path.field, path.component or 1,
+                                  path.subcomponent or 1)
+
+    def _first_source(self, scope: Scope, paths: tuple[FieldPath, ...]) -> tuple[FieldPath, Located] | None:
+        """The first path whose segment is in scope and whose field has a value (or is NULL)."""
+        for path in paths:
+            located = scope.find(path.segment)
+            if located is None:
+                continue
+            if path.component:
+                present = self.message.value(located.segment, path.field, path.component)
+            else:
+                present = located.segment.raw(path.field).strip(self.message.delimiters.component)
+            if present:
+                return path, located
+        return None
+
+    def _blame(self, scope: Scope, paths: tuple[FieldPath, ...]) -> FieldPath:
+        """The path to name when no source has a value: one whose segment is in scope, else one whose
+        segment the message has, else the last (the most basic) source."""
+        names = {s.name for s in self.message.segments}
+        return (next((p for p in paths if scope.find(p.segment)), None)
+                or next((p for p in paths if p.segment in names), None) or paths[-1])
+
+    def _problem(self, code: str, text: str, path: FieldPath | None, located: Located | None) -> None:
+        if path is None:
+            self.problems.append(Problem(code, text))
+            return
+        self.problems.append(Problem(code, text, path.segment, located.sequence if located else 1,
+                                     path.field, path.component))
+
+    def evaluate(self, rule: AttributeRule, scope: Scope) -> tuple[bool, Any]:
+        """(present, value) for a rule: not present = the message does not speak of it; value None = clear."""
+        found = self._first_source(scope, rule.sources)
+        if found is None:
+            if rule.default:
+                return True, rule.default
+            if rule.required:
+                path = self._blame(scope, rule.sources)
+                self._problem(REQUIRED_FIELD_MISSING, f"{rule.keyword} is required ({path})", path,
+                              scope.find(path.segment))
+            return False, None
+        path, located = found
+        try:
+            value = self._transform(rule, path, located)
+        except transforms.TransformError as exc:
+            self._problem(DATA_TYPE_ERROR, f"{rule.keyword}: {exc.reason}", path, located)
+            return False, None
+        if value is None and rule.required:
+            self._problem(REQUIRED_FIELD_MISSING, f"{rule.keyword} is required ({path})", path, located)
+        return True, value
+
+    def _transform(self, rule: AttributeRule, path: FieldPath, located: Located) -> Any:
+        name = rule.transform
+        if name in _FIELD_TRANSFORMS:
+            return _FIELD_TRANSFORMS[name](self, path, located)
+        raw = self._raw_value(located, path)
+        if raw == NULL:
+            return None
+        if rule.table:
+            return transforms.map_value(raw, self.mapping.tables[rule.table])
+        value = _VALUE_TRANSFORMS[name](raw) if name else raw
+        return transforms.truncate(value, rule.vr) if isinstance(value, str) else value
+
+    def _components(self, path: FieldPath, located: Located, repetition: int = 1) -> list[str] | None:
+        reps = self.message.repetitions(located.segment, path.field)
+        if len(reps) < repetition:
+            return []
+        comps = self.message.components(reps[repetition - 1])
+        return None if comps == [NULL] else comps
+
+    # --- patient identity ------------------------------------------------------------------------
+    def _cx_repetitions(self, located: Located, number: int) -> list[list[str]]:
+        return [self.message.components(r) for r in self.message.repetitions(located.segment, number)
+                if r and r != NULL]
+
+    def primary_cx(self, located: Located, number: int) -> tuple[list[str], list[list[str]]]:
+        """The CX repetition that is the Patient ID, and the others."""
+        reps = self._cx_repetitions(located, number)
+        if not reps:
+            return [], []
+        wanted = self.mapping.patient_identifier_type
+        index = 0
+        if wanted:
+            index = next((i for i, r in enumerate(reps) if len(r) > 4 and r[4] == wanted), 0)
+        return reps[index], reps[:index] + reps[index + 1:]
+
+    def patient_key(self, segment_name: str = "PID", number: int = 3) -> PatientKey | None:
+        located = self._message_scope.get(segment_name)
+        if located is None:
+            return None
+        primary, _ = self.primary_cx(located, number)
+        if not primary or not primary[0]:
+            return None
+        return PatientKey(transforms.truncate(primary[0], "LO"), _cx_issuer(primary))
+
+    # --- results ---------------------------------------------------------------------------------
+    def map_patient(self) -> PatientRecord | None:
+        scope = self.message_scope()
+        attributes: JsonDataset = {}
+        for rule in self.mapping.rules.get("patient", ()):
+            present, value = self.evaluate(rule, scope)
+            if present:
+                attributes[tag_of(rule.keyword)] = element(rule.keyword, value)
+        key = self.patient_key()
+        if key is None:
+            return None
+        return PatientRecord(key, attributes)
+
+    def map_orders(self) -> list[OrderRecord]:
+        orders: list[OrderRecord] = []
+        by_placer: dict[tuple[str, str, str, str], OrderRecord] = {}
+        for group_segments, details in self._groups:
+            orc = group_segments["ORC"]
+            order_key = (self.message.value(orc.segment, 2, 1), self.message.value(orc.segment, 2, 2),
+                         self.message.value(orc.segment, 3, 1), self.message.value(orc.segment, 3, 2))
+            order = by_placer.get(order_key)
+            if order is None:
+                order = OrderRecord(*order_key, order_control=self.message.value(orc.segment, 1),
+                                    order_status=self.message.value(orc.segment, 5))
+                by_placer[order_key] = order
+                orders.append(order)
+            for detail_segments, ipcs in details or [({}, [])]:
+                for ipc in ipcs or [{}]:
+                    scope = Scope([ipc, detail_segments, group_segments, self._message_scope])
+                    self._add_step(order, scope)
+        return orders
+
+    def _add_step(self, order: OrderRecord, scope: Scope) -> None:
+        item: JsonDataset = {"00080005": element("SpecificCharacterSet", self.charset.dicom_term)}
+        values: dict[str, Any] = {}
+        for rule in self.mapping.rules.get("item", ()):
+            present, value = self.evaluate(rule, scope)
+            if present and value not in (None, "", []):
+                item[tag_of(rule.keyword)] = element(rule.keyword, value)
+                values[rule.keyword] = value
+        step: JsonDataset = {}
+        for rule in self.mapping.rules.get("step", ()):
+            present, value = self.evaluate(rule, scope)
+            if present and value not in (None, "", []):
+                step[tag_of(rule.keyword)] = element(rule.keyword, value)
+                values[rule.keyword] = value
+        station = self._station_ae_title(scope, values)
+        if station:
+            step[tag_of("ScheduledStationAETitle")] = element("ScheduledStationAETitle", station)
+        study_uid = self._study_uid(scope, order, values)
+        item[tag_of("StudyInstanceUID")] = element("StudyInstanceUID", study_uid)
+        item[tag_of("ScheduledProcedureStepSequence")] = element("ScheduledProcedureStepSequence", [step])
+        rp_id = str(values.get("RequestedProcedureID", ""))
+        accession = str(values.get("AccessionNumber", ""))
+        procedure = next((p for p in order.procedures if p.study_instance_uid == study_uid
+                          and p.requested_procedure_id == rp_id), None)
+        if procedure is None:
+            procedure = ProcedureRecord(rp_id, accession, study_uid,
+                                        str(values.get("RequestedProcedureDescription", "")))
+            order.procedures.append(procedure)
+        procedure.steps.append(StepRecord(str(values.get("ScheduledProcedureStepID", "")), item))
+
+    def _station_ae_title(self, scope: Scope, values: dict[str, Any]) -> str:
+        found = self._first_source(scope, self.mapping.station_sources)
+        if found is not None:
+            value = self._raw_value(found[1], found[0])
+            if value and value != NULL:
+                return transforms.truncate(value, "AE")
+        facts = {
+            "modality": str(values.get("Modality", "")),
+            "procedure_code": _first_code(values.get("ScheduledProtocolCodeSequence"))
+            or _first_code(values.get("RequestedProcedureCodeSequence")),
+            "sending_application": self.message.sender[0],
+            "sending_facility": self.message.sender[1],
+            "location": str(values.get("ScheduledProcedureStepLocation", "")),
+        }
+        for rule in self.mapping.station_rules:
+            if all(facts.get(key) == expected for key, expected in rule.when):
+                return rule.ae_title
+        return self.mapping.station_default
+
+    def _study_uid(self, scope: Scope, order: OrderRecord, values: dict[str, Any]) -> str:
+        policy = self.mapping.study_uid_policy
+        if policy != "generate":
+            found = self._first_source(scope, self.mapping.study_uid_sources)
+            if found is not None:
+                path, located = found
+                uid = self._raw_value(located, path)
+                if uid != NULL and transforms.is_valid_uid(uid):
+                    return uid
+                if uid != NULL:
+                    self._problem(DATA_TYPE_ERROR, f"StudyInstanceUID: not a valid UID: {uid[:70]!r}",
+                                  path, located)
+                    return ""
+            if policy == "take-or-reject":
+                sources = self.mapping.study_uid_sources
+                blamed = self._blame(scope, sources) if sources else None
+                self._problem(REQUIRED_FIELD_MISSING, "StudyInstanceUID is required by the mapping policy",
+                              blamed, scope.find(blamed.segment) if blamed else None)
+                return ""
+        entropy = ["|".join(self.message.sender), order.placer_order_number, order.placer_issuer,
+                   str(values.get("AccessionNumber", "")), str(values.get("RequestedProcedureID", ""))]
+        return stable_uid(entropy, self.uid_root)
+
+    def raise_problems(self) -> None:
+        """Raise the collected problems, one per location and code (date and time share a field)."""
+        unique = list({(p.location, p.code): p for p in self.problems}.values())
+        if unique:
+            raise MessageError(unique)
+
+
+def stable_uid(entropy: list[str], root: str = "") -> str:
+    """A UID that is the same for the same inputs: a repeated or changed order keeps its study.
+
+    Under ``root`` it is pydicom's hash-based UID; without a root it is a 2.25 UID from a name-based
+    UUID (PS3.5 B.2). pydicom's ``generate_uid(prefix=None)`` ignores its entropy sources, so the
+    2.25 form is made here.
+    """
+    if root:
+        return str(generate_uid(prefix=f"{root}.", entropy_srcs=entropy))
+    digest = hashlib.sha256("\x00".join(entropy).encode("utf-8")).digest()[:16]
+    return f"2.25.{uuid.UUID(bytes=digest, version=5).int}"
+
+
+def _cx_issuer(components: list[str]) -> str:
+    issuer = components[3] if len(components) > 3 else ""
+    return transforms.truncate(issuer.split("&")[0], "LO")
+
+
+def _first_code(sequence: Any) -> str:
+    if not sequence:
+        return ""
+    return str(element_value(sequence[0].get(tag_of("CodeValue"))))
+
+
+# --- transforms that need the whole field ----------------------------------------------------------
+def _xpn(mapper: Mapper, path: FieldPath, located: Located) -> str | None:
+    comps = mapper._components(path, located)
+    return None if comps is None else transforms.xpn_to_pn(comps) or None
+
+
+def _xcn(mapper: Mapper, path: FieldPath, located: Located) -> str | None:
+    comps = mapper._components(path, located)
+    return None if comps is None else transforms.xcn_to_pn(comps) or None
+
+
+def _code_sequence(mapper: Mapper, path: FieldPath, located: Located) -> list[JsonDataset] | None:
+    comps = mapper._components(path, located)
+    if comps is None:
+        return None
+    code, meaning, scheme = transforms.pick_code_triple(comps)
+    item = transforms.code_item(code, meaning, scheme)
+    if item is None:
+        return []
+    return [{tag_of(k): element(k, v) for k, v in item.items()}]
+
+
+def _code_meaning(mapper: Mapper, path: FieldPath, located: Located) -> str | None:
+    comps = mapper._components(path, located)
+    if comps is None:
+        return None
+    code, meaning, _ = transforms.pick_code_triple(comps)
+    return transforms.truncate(meaning or code, "LO")
+
+
+def _patient_id(mapper: Mapper, path: FieldPath, located: Located) -> str | None:
+    primary, _ = mapper.primary_cx(located, path.field)
+    return transforms.truncate(primary[0], "LO") if primary and primary[0] else None
+
+
+def _issuer(mapper: Mapper, path: FieldPath, located: Located) -> str | None:
+    primary, _ = mapper.primary_cx(located, path.field)
+    return _cx_issuer(primary) or None
+
+
+def _other_ids(mapper: Mapper, path: FieldPath, located: Located) -> list[JsonDataset] | None:
+    _, others = mapper.primary_cx(located, path.field)
+    items = []
+    for cx in others:
+        if cx and cx[0]:
+            item = {tag_of("PatientID"): element("PatientID", transforms.truncate(cx[0], "LO")),
+                    tag_of("TypeOfPatientID"): element("TypeOfPatientID", "TEXT")}
+            issuer = _cx_issuer(cx)
+            if issuer:
+                item[tag_of("IssuerOfPatientID")] = element("IssuerOfPatientID", issuer)
+            items.append(item)
+    return items or None
+
+
+def _location(mapper: Mapper, path: FieldPath, located: Located) -> str | None:
+    comps = mapper._components(path, located)
+    if comps is None:
+        return None
+    parts = [c.split("&")[0] for c in comps[:3] if c]
+    return transforms.truncate(" ".join(parts), "LO")
+
+
+_FIELD_TRANSFORMS: dict[str, Callable[[Mapper, FieldPath, Located], Any]] = {
+    "xpn_to_pn": _xpn,
+    "xcn_to_pn": _xcn,
+    "code_sequence": _code_sequence,
+    "code_meaning": _code_meaning,
+    "patient_id": _patient_id,
+    "issuer_of_patient_id": _issuer,
+    "other_patient_ids": _other_ids,
+    "location": _location,
+}
+
+
+def _uid(value: str) -> str:
+    if not transforms.is_valid_uid(value):
+        raise transforms.TransformError(f"not a valid UID: {value[:70]!r}")
+    return value
+
+
+_VALUE_TRANSFORMS: dict[str, Callable[[str], str]] = {
+    "date": transforms.hl7_date_to_da,
+    "ts_date": lambda v: transforms.hl7_ts_to_da_tm(v)[0],
+    "ts_time": lambda v: transforms.hl7_ts_to_da_tm(v)[1],
+    "sex": transforms.sex_to_dicom,
+    "cs": transforms.clean_cs,
+    "uid": _uid,
+}

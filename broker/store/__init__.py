@@ -1,0 +1,1 @@
+"""Persistence: SQLAlchemy tables, engine/session set-up and Alembic migrations."""

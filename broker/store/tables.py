@@ -1,0 +1,202 @@
+"""The tables of the broker.
+
+One stored thing is at the centre: the scheduled procedure step (SPS), inside its requested procedure,
+order and patient. The worklist item is kept whole as DICOM JSON (PS3.18 F.2) in ``item``, so that the
+worklist, UPS and the REST API return exactly what was mapped; the matching keys of PS3.4 K.6 are copied
+into indexed columns beside it so that a C-FIND becomes one SQL query.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+class Base(DeclarativeBase):
+    """Declarative base; the metadata is what Alembic migrates."""
+
+
+class Patient(Base):
+    """A patient as the RIS/HIS identifies it: Patient ID within its Issuer (PID-3.1 / PID-3.4)."""
+
+    __tablename__ = "patients"
+    __table_args__ = (UniqueConstraint("patient_id", "issuer", name="uq_patients_identity"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    patient_id: Mapped[str] = mapped_column(String(64))
+    issuer: Mapped[str] = mapped_column(String(64), default="")
+    patient_name: Mapped[str] = mapped_column(String(324), default="")
+    birth_date: Mapped[str] = mapped_column(String(8), default="")
+    sex: Mapped[str] = mapped_column(String(16), default="")
+    # Patient-level DICOM JSON attributes (name, birth date, other IDs, ...) as last received.
+    attributes: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # Set when an ADT^A40/A47 merged this patient into another; orders for it are redirected there.
+    merged_into_id: Mapped[int | None] = mapped_column(ForeignKey("patients.id"), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    updated_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class Order(Base):
+    """An imaging order (ORC): placer and filler order numbers as the RIS sent them."""
+
+    __tablename__ = "orders"
+    __table_args__ = (
+        Index("ix_orders_placer", "placer_order_number", "placer_issuer"),
+        Index("ix_orders_filler", "filler_order_number", "filler_issuer"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    patient_fk: Mapped[int] = mapped_column(ForeignKey("patients.id"), index=True)
+    sender: Mapped[str] = mapped_column(String(200), default="")
+    placer_order_number: Mapped[str] = mapped_column(String(64), default="")
+    placer_issuer: Mapped[str] = mapped_column(String(64), default="")
+    filler_order_number: Mapped[str] = mapped_column(String(64), default="")
+    filler_issuer: Mapped[str] = mapped_column(String(64), default="")
+    # Last ORC-1 / ORC-5 received, for the operator.
+    order_control: Mapped[str] = mapped_column(String(2), default="")
+    order_status: Mapped[str] = mapped_column(String(2), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    updated_at: Mapped[datetime] = mapped_column(DateTime)
+
+    procedures: Mapped[list[RequestedProcedure]] = relationship(back_populates="order")
+
+
+class RequestedProcedure(Base):
+    """A requested procedure: one Study Instance UID and Accession Number, one or more steps."""
+
+    __tablename__ = "requested_procedures"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    order_fk: Mapped[int] = mapped_column(ForeignKey("orders.id"), index=True)
+    requested_procedure_id: Mapped[str] = mapped_column(String(16), default="")
+    accession_number: Mapped[str] = mapped_column(String(16), default="", index=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    description: Mapped[str] = mapped_column(String(64), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    updated_at: Mapped[datetime] = mapped_column(DateTime)
+
+    order: Mapped[Order] = relationship(back_populates="procedures")
+    steps: Mapped[list[ScheduledStep]] = relationship(back_populates="procedure")
+
+
+class ScheduledStep(Base):
+    """A scheduled procedure step: the worklist item (``item``) and its matching keys as columns.
+
+    PN columns hold the DICOM PN string (``family^given^...``); ``*_norm`` copies are upper-cased for
+    the case-insensitive PN matching option. ``scheduled_start`` combines SPS Start Date and Time so
+    that a combined date-time range is one range on one index.
+    """
+
+    __tablename__ = "scheduled_steps"
+    __table_args__ = (
+        UniqueConstraint("study_instance_uid", "sps_id", name="uq_steps_study_sps"),
+        Index("ix_steps_station_start", "scheduled_station_ae_title", "scheduled_start"),
+        Index("ix_steps_modality_start", "modality", "scheduled_start"),
+        Index("ix_steps_status_start", "sps_status", "scheduled_start"),
+        Index("ix_steps_patient", "patient_id", "issuer_of_patient_id"),
+        Index("ix_steps_patient_name", "patient_name_norm"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    procedure_fk: Mapped[int] = mapped_column(ForeignKey("requested_procedures.id"), index=True)
+    patient_fk: Mapped[int] = mapped_column(ForeignKey("patients.id"), index=True)
+
+    sps_id: Mapped[str] = mapped_column(String(16))
+    sps_status: Mapped[str] = mapped_column(String(16))
+    scheduled_station_ae_title: Mapped[str] = mapped_column(String(16), default="")
+    scheduled_station_name: Mapped[str] = mapped_column(String(16), default="")
+    sps_location: Mapped[str] = mapped_column(String(16), default="")
+    sps_start_date: Mapped[str] = mapped_column(String(8), default="")
+    sps_start_time: Mapped[str] = mapped_column(String(14), default="")
+    scheduled_start: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    modality: Mapped[str] = mapped_column(String(16), default="")
+    performing_physician: Mapped[str] = mapped_column(String(324), default="")
+    performing_physician_norm: Mapped[str] = mapped_column(String(324), default="", index=True)
+    patient_name: Mapped[str] = mapped_column(String(324), default="")
+    patient_name_norm: Mapped[str] = mapped_column(String(324), default="")
+    patient_id: Mapped[str] = mapped_column(String(64), default="")
+    issuer_of_patient_id: Mapped[str] = mapped_column(String(64), default="")
+    patient_birth_date: Mapped[str] = mapped_column(String(8), default="")
+    patient_sex: Mapped[str] = mapped_column(String(16), default="")
+    accession_number: Mapped[str] = mapped_column(String(16), default="", index=True)
+    requested_procedure_id: Mapped[str] = mapped_column(String(16), default="", index=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64))
+    referring_physician: Mapped[str] = mapped_column(String(324), default="")
+    requesting_physician: Mapped[str] = mapped_column(String(324), default="")
+    admission_id: Mapped[str] = mapped_column(String(64), default="", index=True)
+    placer_order_number: Mapped[str] = mapped_column(String(64), default="")
+    filler_order_number: Mapped[str] = mapped_column(String(64), default="")
+    specific_character_set: Mapped[str] = mapped_column(String(64), default="")
+    # The whole worklist item as DICOM JSON, exactly one item in its SPS Sequence.
+    item: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    updated_at: Mapped[datetime] = mapped_column(DateTime)
+
+    procedure: Mapped[RequestedProcedure] = relationship(back_populates="steps")
+
+
+class StepTransition(Base):
+    """Every status change of a step, with its time and its cause (the message that made it)."""
+
+    __tablename__ = "step_transitions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    step_fk: Mapped[int] = mapped_column(ForeignKey("scheduled_steps.id", ondelete="CASCADE"), index=True)
+    at: Mapped[datetime] = mapped_column(DateTime)
+    from_status: Mapped[str] = mapped_column(String(16), default="")
+    to_status: Mapped[str] = mapped_column(String(16))
+    cause: Mapped[str] = mapped_column(String(200))
+    inbound_message_fk: Mapped[int | None] = mapped_column(ForeignKey("inbound_messages.id"), nullable=True)
+
+
+class InboundMessage(Base):
+    """The archive of every inbound HL7 message, stored before it is processed, with the ACK sent.
+
+    ``status``: received (stored, not yet processed), accepted (AA), error (AE), rejected (AR),
+    duplicate (a repeat of an earlier MSH-10 from the same sender, answered with the original ACK).
+    A repeat is recognised by (sender, control ID) among the messages that are not themselves
+    duplicates; the partial unique index makes that hold under concurrent connections.
+    """
+
+    __tablename__ = "inbound_messages"
+    __table_args__ = (
+        Index(
+            "uq_inbound_original",
+            "sender",
+            "control_id",
+            unique=True,
+            sqlite_where=text("duplicate_of_id IS NULL AND control_id != ''"),
+            postgresql_where=text("duplicate_of_id IS NULL AND control_id != ''"),
+        ),
+        Index("ix_inbound_received_at", "received_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    received_at: Mapped[datetime] = mapped_column(DateTime)
+    processed_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    peer: Mapped[str] = mapped_column(String(100), default="")
+    sender: Mapped[str] = mapped_column(String(200), default="")
+    control_id: Mapped[str] = mapped_column(String(64), default="")
+    message_type: Mapped[str] = mapped_column(String(20), default="")
+    raw: Mapped[bytes] = mapped_column(LargeBinary)
+    charset: Mapped[str] = mapped_column(String(32), default="")
+    status: Mapped[str] = mapped_column(String(16), default="received", index=True)
+    ack_code: Mapped[str] = mapped_column(String(2), default="")
+    # The reply frames sent, joined by 0x1C (a message never contains it).
+    ack: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    error: Mapped[str] = mapped_column(Text, default="")
+    duplicate_of_id: Mapped[int | None] = mapped_column(ForeignKey("inbound_messages.id"), nullable=True)

@@ -1,0 +1,82 @@
+"""Shared fixtures: real databases (SQLite file and a fresh PostgreSQL database) and a real listener."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from broker.mapping.rules import MappingSet, load_mappings
+from broker.store import migrate
+from broker.store.session import make_engine, make_session_factory
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT.parent / "shared" / "samples" / "hl7"
+POSTGRES_ADMIN_URL = os.environ.get("BROKER_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+def sample(name: str) -> bytes:
+    """A shared sample message, as bytes on the wire."""
+    return (SAMPLES / name).read_bytes()
+
+
+@pytest.fixture(scope="session")
+def mappings() -> MappingSet:
+    return load_mappings(ROOT / "mappings")
+
+
+def _postgres_database() -> Iterator[str]:
+    name = f"broker_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    try:
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"))
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database of each backend."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'broker.db'}"
+    else:
+        yield from _postgres_database()
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[Engine]:
+    """An engine on a fresh database migrated to the newest schema."""
+    eng = make_engine(database_url)
+    migrate.upgrade(eng)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def sessions(engine: Engine) -> sessionmaker[Session]:
+    return make_session_factory(engine)
+
+
+@pytest.fixture
+def listener(sessions: sessionmaker[Session], mappings: MappingSet) -> Iterator[int]:
+    """The real HL7 listener (MLLP over TCP on 127.0.0.1) on a free port, backed by ``sessions``."""
+    from broker.hl7.intake import Intake
+    from broker.hl7.mllp import MLLPServer, run_in_thread
+
+    server = MLLPServer(Intake(sessions, mappings), host="127.0.0.1", port=0, workers=4, idle_timeout=30)
+    thread = run_in_thread(server)
+    try:
+        yield thread.port
+    finally:
+        thread.stop()

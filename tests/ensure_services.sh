@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Makes sure the real services the integration tests talk to are up on this machine:
+# PostgreSQL on 127.0.0.1:5432 (trust auth, database "test") and Redis on 127.0.0.1:6379.
+set -uo pipefail
+
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+
+need_apt_update=1
+apt_install() {
+  if [ $need_apt_update -eq 1 ]; then $SUDO apt-get update -qq >/dev/null; need_apt_update=0; fi
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "$@" >/dev/null
+}
+
+# --- Redis -----------------------------------------------------------------------------------------
+if ! (exec 3<>/dev/tcp/127.0.0.1/6379) 2>/dev/null; then
+  command -v redis-server >/dev/null || apt_install redis-server
+  mkdir -p /var/lib/redis /var/log/redis 2>/dev/null || true
+  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no >/dev/null
+  for _ in $(seq 1 50); do (exec 3<>/dev/tcp/127.0.0.1/6379) 2>/dev/null && break; sleep 0.1; done
+fi
+(exec 3<>/dev/tcp/127.0.0.1/6379) 2>/dev/null && echo "redis: up" || { echo "redis: could not start"; exit 1; }
+
+# --- PostgreSQL ------------------------------------------------------------------------------------
+pg_up() { pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null; }
+if ! command -v pg_isready >/dev/null; then apt_install postgresql; fi
+if ! pg_up; then
+  if ! ls /etc/postgresql/*/main >/dev/null 2>&1; then apt_install postgresql; fi
+  version=$(ls /etc/postgresql | sort -V | tail -1)
+  conf=/etc/postgresql/$version/main
+  # Trust auth on loopback for the test database, as on the development machines.
+  if ! grep -q "127.0.0.1/32 *trust" "$conf/pg_hba.conf" 2>/dev/null; then
+    sed -i '1i host all all 127.0.0.1/32 trust\nhost all all ::1/128 trust' "$conf/pg_hba.conf"
+  fi
+  pg_ctlcluster --skip-systemctl-redirect "$version" main start
+  for _ in $(seq 1 100); do pg_up && break; sleep 0.1; done
+fi
+pg_up && echo "postgresql: up" || { echo "postgresql: could not start"; exit 1; }
+if ! psql -h 127.0.0.1 -U postgres -d test -Atc 'select 1' >/dev/null 2>&1; then
+  psql -h 127.0.0.1 -U postgres -d postgres -c 'create database test' >/dev/null
+fi
+exit 0

@@ -1,0 +1,398 @@
+"""The MLLP listener and client over real TCP on 127.0.0.1: ordering, concurrency, limits and abuse."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+import structlog.testing
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from broker.hl7.mllp import FrameDecoder, MLLPServer, Peer, ServerThread, encode_frame, run_in_thread
+from broker.hl7.mllp_client import MLLPClient, MLLPError
+
+pytestmark = pytest.mark.integration
+
+SB, EB, CR = b"\x0b", b"\x1c", b"\r"
+HOST = "127.0.0.1"
+
+
+def reply_for(message: bytes) -> bytes:
+    """The test handler's answer: length and checksum, so a reply proves which message it belongs to."""
+    return b"ACK|%d|%08x" % (len(message), zlib.crc32(message))
+
+
+def garbled(message: bytes) -> bytes:
+    return b"GARBLED|%d" % len(message)
+
+
+def expected_reply(message: bytes) -> bytes:
+    """What a server with :func:`handler` and :func:`garbled` answers (empty frames included)."""
+    return garbled(message) if not message or message.startswith(b"!") else reply_for(message)
+
+
+def handler(message: bytes, peer: Peer) -> list[bytes]:
+    """Fails for messages starting with "!" (to exercise ``garbled_reply``), else one ACK."""
+    assert isinstance(peer, tuple) and peer[0] == HOST and isinstance(peer[1], int)
+    if message.startswith(b"!"):
+        raise RuntimeError("handler failure requested by the test")
+    if message == b"NONE":
+        return []
+    if message == b"TWO":
+        return [b"FIRST", b"SECOND"]
+    if message == b"BAD-REPLY":
+        return [b"contains\x1c\rterminator"]
+    return [reply_for(message)]
+
+
+def serve(message_handler: Callable[[bytes, Peer], list[bytes]] = handler, **options: Any) -> ServerThread:
+    return run_in_thread(MLLPServer(message_handler, host=HOST, port=0, **options))
+
+
+def read_to_close(sock: socket.socket, timeout: float) -> tuple[list[bytes], str]:
+    """All reply frames until the server closes: (frames, "eof" or "reset"); fails on a hang."""
+    decoder = FrameDecoder(1 << 20)
+    frames: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"server neither replied nor closed within {timeout} s"
+        sock.settimeout(remaining)
+        try:
+            data = sock.recv(65536)
+        except ConnectionResetError:
+            return frames, "reset"
+        except TimeoutError:
+            pytest.fail(f"server neither replied nor closed within {timeout} s")
+        if not data:
+            return frames, "eof"
+        frames.extend(decoder.feed(data))
+
+
+def read_frames(sock: socket.socket, count: int, timeout: float = 10.0) -> list[bytes]:
+    decoder = FrameDecoder(1 << 20)
+    frames: list[bytes] = []
+    sock.settimeout(timeout)
+    while len(frames) < count:
+        data = sock.recv(65536)
+        assert data, f"server closed after {len(frames)} of {count} replies"
+        frames.extend(decoder.feed(data))
+    return frames
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
+
+
+def assert_alive(port: int) -> None:
+    with MLLPClient(HOST, port, timeout=5) as client:
+        assert client.send(b"MSH|alive") == reply_for(b"MSH|alive")
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[ServerThread]:
+    with serve(garbled_reply=garbled, idle_timeout=10, workers=8) as thread:
+        yield thread
+
+
+def test_hundred_messages_in_order_on_one_connection(server: ServerThread) -> None:
+    with MLLPClient(HOST, server.port, timeout=5) as client:
+        for i in range(100):
+            message = b"MSH|^~\\&|RIS|H|BROKER|H|||ORM^O01|%d|P|2.5.1\rPID|1||%d\r" % (i, i)
+            assert client.send(message) == reply_for(message)
+
+
+def test_pipelined_frames_are_answered_in_order(server: ServerThread) -> None:
+    messages = [b"MSH|pipelined|%d" % i for i in range(50)]
+    with socket.create_connection((HOST, server.port), timeout=5) as sock:
+        sock.sendall(b"".join(encode_frame(m) for m in messages))
+        assert read_frames(sock, 50) == [reply_for(m) for m in messages]
+
+
+def test_concurrent_connections_are_independent() -> None:
+    lock = threading.Lock()
+    running = 0
+    most = 0
+
+    def slow_handler(message: bytes, peer: Peer) -> list[bytes]:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        time.sleep(0.002)
+        with lock:
+            running -= 1
+        return [reply_for(message)]
+
+    def talk(n: int) -> list[tuple[bytes, bytes]]:
+        with MLLPClient(HOST, thread.port, timeout=10) as client:
+            messages = [b"MSH|conn-%d|msg-%d" % (n, i) for i in range(50)]
+            return [(client.send(m), reply_for(m)) for m in messages]
+
+    with serve(slow_handler, workers=8) as thread, ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(talk, range(8)))
+    assert all(got == want for conversation in results for got, want in conversation)
+    assert sum(len(conversation) for conversation in results) == 400
+    assert most >= 2  # handler calls of different connections did overlap
+
+
+def test_max_connections_refuses_extra_connections() -> None:
+    with serve(max_connections=2) as thread:
+        first, second = MLLPClient(HOST, thread.port, timeout=5), MLLPClient(HOST, thread.port, timeout=5)
+        assert first.send(b"one") == reply_for(b"one")
+        assert second.send(b"two") == reply_for(b"two")
+        assert thread.server.connection_count == 2
+        with socket.create_connection((HOST, thread.port), timeout=5) as extra:
+            frames, _ = read_to_close(extra, timeout=3)
+            assert frames == []
+        with MLLPClient(HOST, thread.port, timeout=5) as third, pytest.raises(MLLPError):
+            third.send(b"three")
+        first.close()
+        wait_for(lambda: thread.server.connection_count == 1)
+        assert_alive(thread.port)
+        assert second.send(b"still") == reply_for(b"still")
+        second.close()
+
+
+def test_oversize_frame_closes_only_that_connection() -> None:
+    with serve(max_message_bytes=1000) as thread:
+        bystander = MLLPClient(HOST, thread.port, timeout=5)
+        assert bystander.send(b"before") == reply_for(b"before")
+        with socket.create_connection((HOST, thread.port), timeout=5) as sock:
+            sock.sendall(encode_frame(b"small") + encode_frame(b"x" * 5000))
+            frames, _ = read_to_close(sock, timeout=5)
+        assert frames in ([], [reply_for(b"small")])
+        assert_alive(thread.port)
+        assert bystander.send(b"after") == reply_for(b"after")
+        bystander.close()
+
+
+def test_oversize_without_terminator_closes_early() -> None:
+    with serve(max_message_bytes=1000) as thread, socket.create_connection((HOST, thread.port)) as sock:
+        sock.sendall(SB + b"y" * 2000)  # never terminated: the server must not keep buffering
+        frames, _ = read_to_close(sock, timeout=5)
+        assert frames == []
+        assert_alive(thread.port)
+
+
+def test_idle_connection_is_closed() -> None:
+    with serve(idle_timeout=0.5) as thread:
+        with socket.create_connection((HOST, thread.port)) as sock:
+            sock.sendall(encode_frame(b"hello"))
+            assert read_frames(sock, 1) == [reply_for(b"hello")]
+            started = time.monotonic()
+            assert read_to_close(sock, timeout=5) == ([], "eof")
+            assert time.monotonic() - started >= 0.4
+        with socket.create_connection((HOST, thread.port)) as sock:
+            sock.sendall(SB + b"half a frame")
+            assert read_to_close(sock, timeout=5) == ([], "eof")
+        wait_for(lambda: thread.server.connection_count == 0)
+        assert_alive(thread.port)
+
+
+def test_handler_failure_gets_garbled_reply_and_connection_goes_on(server: ServerThread) -> None:
+    with MLLPClient(HOST, server.port, timeout=5) as client:
+        assert client.send(b"!explode") == garbled(b"!explode")
+        assert client.send(b"BAD-REPLY") == garbled(b"BAD-REPLY")  # an unframeable reply is a failure too
+        assert client.send(b"next") == reply_for(b"next")
+
+
+def test_handler_failure_without_garbled_reply_closes_the_connection() -> None:
+    with serve() as thread, MLLPClient(HOST, thread.port, timeout=5) as client:
+        assert client.send(b"first") == reply_for(b"first")
+        with pytest.raises(MLLPError, match="closed the connection"):
+            client.send(b"!explode")
+        assert client.send(b"reconnected") == reply_for(b"reconnected")  # send() connects anew
+
+
+def test_empty_frame(server: ServerThread) -> None:
+    with MLLPClient(HOST, server.port, timeout=5) as client:
+        assert client.send(b"") == garbled(b"")
+    with serve() as thread, socket.create_connection((HOST, thread.port), timeout=5) as sock:
+        sock.sendall(SB + EB + CR + encode_frame(b"after empty"))
+        assert read_frames(sock, 1) == [reply_for(b"after empty")]  # the empty frame is ignored
+
+
+def test_zero_and_several_replies(server: ServerThread) -> None:
+    with MLLPClient(HOST, server.port, timeout=5) as client:
+        client.send_no_reply(b"NONE")
+        assert client.send(b"TWO") == b"FIRST"
+        assert client.receive() == b"SECOND"
+        assert client.send(b"last") == reply_for(b"last")
+
+
+def test_junk_and_restarted_frames_are_skipped(server: ServerThread) -> None:
+    with socket.create_connection((HOST, server.port), timeout=5) as sock:
+        sock.sendall(b"\r\njunk" + SB + b"abandoned" + encode_frame(b"kept") + b"\n" + encode_frame(b"too"))
+        assert read_frames(sock, 2) == [reply_for(b"kept"), reply_for(b"too")]
+
+
+def test_terminator_split_across_writes(server: ServerThread) -> None:
+    with socket.create_connection((HOST, server.port), timeout=5) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(SB + b"split\x1c")
+        time.sleep(0.05)
+        sock.sendall(CR)
+        assert read_frames(sock, 1) == [reply_for(b"split")]
+
+
+def test_client_timeout_and_unreachable_server() -> None:
+    def sleepy(message: bytes, peer: Peer) -> list[bytes]:
+        time.sleep(0.5)
+        return [reply_for(message)]
+
+    with serve(sleepy) as thread:
+        client = MLLPClient(HOST, thread.port, timeout=0.1)
+        with pytest.raises(MLLPError, match="no reply"):
+            client.send(b"slow")
+        assert not client.connected  # a late reply can never be taken for the next message's
+        client.close()
+        port = thread.port
+    with pytest.raises(MLLPError, match="cannot connect"):
+        MLLPClient(HOST, port, timeout=1).connect()
+    with pytest.raises(ValueError):
+        MLLPClient(HOST, port).send(b"a\x1c\rb")
+
+
+def test_peer_leaving_mid_frame_or_mid_reply_is_cleaned_up() -> None:
+    def big(message: bytes, peer: Peer) -> list[bytes]:
+        return [b"R" * 16_000_000] if message == b"BIG" else [reply_for(message)]
+
+    with serve(big) as thread, structlog.testing.capture_logs() as logs:
+        with socket.create_connection((HOST, thread.port)) as sock:
+            sock.sendall(SB + b"MSH|never finished")
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect((HOST, thread.port))
+            sock.sendall(encode_frame(b"BIG"))
+            time.sleep(0.2)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        # closed with a reset while the server is still writing 16 MB
+        wait_for(lambda: thread.server.connection_count == 0)
+        assert_alive(thread.port)
+    closed = [entry for entry in logs if entry["event"] == "mllp.connection_closed"]
+    assert [entry["reason"] for entry in closed[:2]] == ["closed_mid_frame", "connection_lost_while_writing"]
+    assert all(entry["log_level"] == "info" for entry in logs)
+    assert all("exc_info" not in entry for entry in logs)
+    for entry in closed[:2]:  # one line when it opened, one when it closed: no traceback spam
+        assert [e["event"] for e in logs if e.get("peer") == entry["peer"]] == [
+            "mllp.connection_opened", "mllp.connection_closed"]
+
+
+def test_stop_waits_for_running_handler_and_sends_its_reply() -> None:
+    started = threading.Event()
+    finished = threading.Event()
+
+    def committing(message: bytes, peer: Peer) -> list[bytes]:
+        started.set()
+        time.sleep(0.5)
+        finished.set()
+        return [reply_for(message)]
+
+    thread = serve(committing)
+    idle = MLLPClient(HOST, thread.port, timeout=5)
+    idle.connect()
+    wait_for(lambda: thread.server.connection_count == 1)
+    busy = MLLPClient(HOST, thread.port, timeout=5)
+    busy.send_no_reply(b"in flight")
+    assert started.wait(5)
+    thread.stop()
+    assert finished.is_set()
+    assert busy.receive() == reply_for(b"in flight")
+    with pytest.raises(MLLPError):
+        idle.receive()
+    assert thread.server.connection_count == 0
+    thread.stop()  # idempotent
+    busy.close()
+
+
+def test_logs_name_events_but_never_contents(server: ServerThread) -> None:
+    secret = b"MSH|^~\\&|RIS|H|||ORM^O01|1|P|2.5.1\rPID|1||SECRET-MRN||DOE^JANE\r"
+    with structlog.testing.capture_logs() as logs:
+        with socket.create_connection((HOST, server.port), timeout=5) as sock:
+            sock.sendall(b"SECRET-JUNK" + encode_frame(secret))
+            assert read_frames(sock, 1) == [reply_for(secret)]
+            sock.sendall(b"SECRET-JUNK")
+            sock.sendall(encode_frame(b"!SECRET-FAIL"))
+            assert read_frames(sock, 1) == [garbled(b"!SECRET-FAIL")]
+        wait_for(lambda: any(entry["event"] == "mllp.connection_closed" for entry in logs))
+    events = [entry["event"] for entry in logs]
+    assert events.count("mllp.junk_discarded") == 1
+    assert "mllp.handler_failed" in events
+    assert "SECRET" not in repr(logs)
+
+
+# --- property test: nothing a peer sends can hang or kill the listener ---
+
+FUZZ_LIMIT = 256
+
+
+def reference_frames(data: bytes, limit: int) -> tuple[list[bytes], bool]:
+    """Byte-at-a-time framing rules: (complete frames, whether a frame went over ``limit``)."""
+    frames: list[bytes] = []
+    buffer: bytearray | None = None
+    for value in data:
+        if value == 0x0B:
+            buffer = bytearray()
+        elif buffer is None:
+            continue
+        elif value == 0x0D and buffer[-1:] == EB:
+            frames.append(bytes(buffer[:-1]))
+            buffer = None
+        else:
+            buffer.append(value)
+            if len(buffer) - (buffer[-1:] == EB) > limit:
+                return frames, True
+    return frames, False
+
+
+@pytest.fixture(scope="module")
+def fuzz_server() -> Iterator[ServerThread]:
+    with serve(garbled_reply=garbled, idle_timeout=0.5, max_message_bytes=FUZZ_LIMIT, workers=4) as thread:
+        yield thread
+
+
+clean = st.binary(max_size=40).map(lambda b: b.replace(SB, b"").replace(EB, b""))
+piece = st.one_of(
+    st.binary(max_size=30),
+    st.sampled_from([SB, EB, CR, EB + CR, SB + EB + CR, b"\r\n"]),
+    clean.map(lambda content: SB + b"MSH|" + content + EB + CR),
+    clean.map(lambda content: SB + b"!" + content + EB + CR),
+    st.binary(max_size=40).map(lambda content: SB + content + EB + CR),
+    st.binary(min_size=FUZZ_LIMIT - 8, max_size=FUZZ_LIMIT + 8).map(lambda content: SB + content + EB + CR),
+)
+
+
+@pytest.mark.timeout(120)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(parts=st.lists(piece, max_size=20), half_close=st.sampled_from([True] * 9 + [False]))
+def test_arbitrary_bytes_never_hang_or_kill_the_server(
+        fuzz_server: ServerThread, parts: list[bytes], half_close: bool) -> None:
+    stream = b"".join(parts)
+    frames, too_large = reference_frames(stream, FUZZ_LIMIT)
+    expected = [expected_reply(frame) for frame in frames]
+    with socket.create_connection((HOST, fuzz_server.port), timeout=5) as sock:
+        try:
+            for part in parts:
+                sock.sendall(part)
+            if half_close:
+                sock.shutdown(socket.SHUT_WR)  # EOF after the data: the server answers, then closes
+        except OSError:  # EPIPE, ECONNRESET, ENOTCONN
+            assert too_large  # only an oversize frame makes the server hang up while we still write
+        replies, how = read_to_close(sock, timeout=5)
+    if too_large:
+        assert replies == expected[:len(replies)]
+    else:
+        assert (replies, how) == (expected, "eof")
+    assert_alive(fuzz_server.port)

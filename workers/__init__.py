@@ -1,0 +1,1 @@
+"""Celery application and tasks of the event pipeline."""
