@@ -36,6 +36,7 @@ class Settings(BaseSettings):
     hl7_idle_timeout: float = Field(600, gt=0)
     hl7_max_connections: int = Field(200, ge=1)
     hl7_workers: int = Field(8, ge=1, le=256)
+    hl7_processes: int = Field(0, ge=0, le=64)
     mappings_dir: Path = Path("mappings")
 
     ae_title: str = "BROKER"

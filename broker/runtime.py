@@ -13,10 +13,11 @@ import structlog
 
 from broker.config import Settings
 from broker.hl7.intake import Intake
-from broker.hl7.mllp import MLLPServer
+from broker.hl7.mllp import MessageHandler, MLLPServer
+from broker.hl7.process_pool import IntakeProcessPool
 from broker.mapping.rules import load_mappings
 from broker.store import migrate
-from broker.store.session import make_engine, make_session_factory
+from broker.store.session import make_engine
 
 log = structlog.get_logger(__name__)
 
@@ -25,24 +26,32 @@ class StartupError(Exception):
     """The broker cannot start; the message is one line for the operator."""
 
 
-def build_intake(settings: Settings) -> Intake:
+def build_intake(settings: Settings, pool_size: int | None = None) -> Intake:
     """The HL7 intake wired to the configured database and mappings."""
-    engine = make_engine(settings.database_url, pool_size=settings.hl7_workers)
+    engine = make_engine(settings.database_url, pool_size=pool_size or settings.hl7_workers)
     if not migrate.is_current(engine):
         raise StartupError("the database schema is not current: run 'broker db upgrade' first")
     mappings = load_mappings(settings.mappings_dir)
-    return Intake(make_session_factory(engine), mappings, settings.uid_root)
+    return Intake(engine, mappings, settings.uid_root)
 
 
 async def serve(settings: Settings) -> None:
     """Run the listeners until SIGINT or SIGTERM."""
-    intake = build_intake(settings)
-    server = MLLPServer(intake, host=settings.hl7_host, port=settings.hl7_port,
+    handler: MessageHandler
+    pool: IntakeProcessPool | None = None
+    if settings.hl7_processes:
+        build_intake(settings)  # check schema and mappings here, with one clear line if wrong
+        pool = IntakeProcessPool(settings, settings.hl7_processes)
+        await asyncio.to_thread(pool.warm_up)
+        handler = pool
+    else:
+        handler = build_intake(settings)
+    server = MLLPServer(handler, host=settings.hl7_host, port=settings.hl7_port,
                         max_message_bytes=settings.hl7_max_message_bytes,
                         idle_timeout=settings.hl7_idle_timeout,
                         max_connections=settings.hl7_max_connections, workers=settings.hl7_workers)
     await server.start()
-    log.info("broker.started", hl7_port=server.port, ae_title=settings.ae_title,
+    log.info("broker.started", hl7_port=server.port, hl7_processes=settings.hl7_processes, ae_title=settings.ae_title,
              database=_safe_url(settings.database_url), queue="redis" if settings.redis_url else "embedded")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -51,6 +60,8 @@ async def serve(settings: Settings) -> None:
     await stop.wait()
     log.info("broker.stopping")
     await server.stop()
+    if pool is not None:
+        await asyncio.to_thread(pool.shutdown)
     log.info("broker.stopped")
 
 

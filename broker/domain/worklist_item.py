@@ -6,7 +6,6 @@ JSON returned to a modality and the columns a C-FIND matches on cannot disagree.
 
 from __future__ import annotations
 
-import copy
 from datetime import datetime
 from typing import Any
 
@@ -27,9 +26,15 @@ def step_item(item: JsonDataset) -> JsonDataset:
 
 
 def build_item(mapped: JsonDataset, patient_attributes: JsonDataset, status: str) -> JsonDataset:
-    """A stored item: the mapped item with the patient's current attributes and the step status."""
-    item = copy.deepcopy(mapped)
-    item.update(copy.deepcopy(patient_attributes))
+    """A stored item: the mapped item with the patient's current attributes and the step status.
+
+    Elements are shared, not copied: stored items are replaced whole, never changed in place, except
+    the SPS item that :func:`set_status` writes into, which is copied here.
+    """
+    item = {**mapped, **patient_attributes}
+    sequence = item.get(SPS_SEQUENCE)
+    if sequence and sequence.get("Value"):
+        item[SPS_SEQUENCE] = {**sequence, "Value": [dict(sequence["Value"][0])]}
     set_status(item, status)
     return item
 
@@ -41,7 +46,7 @@ def set_status(item: JsonDataset, status: str) -> None:
 
 def apply_patient_attributes(item: JsonDataset, attributes: JsonDataset) -> None:
     """Overwrite the item's patient-level attributes with ``attributes`` (ADT propagation)."""
-    item.update(copy.deepcopy(attributes))
+    item.update(attributes)
 
 
 def _norm(pn: str) -> str:

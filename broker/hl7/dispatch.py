@@ -110,8 +110,8 @@ def handle_order(ctx: Context) -> str:
         try:
             if action == "place":
                 assert patient is not None
-                steps = ctx.service.place_order(patient, order, ctx.sender, ctx.cause)
-                done.append(f"{len(steps)} step(s) scheduled")
+                created = ctx.service.place_order(patient, order, ctx.sender, ctx.cause)
+                done.append(f"{created} step(s) scheduled")
             elif action == "replace":
                 assert patient is not None
                 count = ctx.service.replace_order(patient, order, ctx.cause)

@@ -9,7 +9,7 @@ into indexed columns beside it so that a C-FIND becomes one SQL query.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
@@ -19,6 +19,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     String,
+    Table,
     Text,
     UniqueConstraint,
     text,
@@ -200,3 +201,8 @@ class InboundMessage(Base):
     ack: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     error: Mapped[str] = mapped_column(Text, default="")
     duplicate_of_id: Mapped[int | None] = mapped_column(ForeignKey("inbound_messages.id"), nullable=True)
+
+
+def table_of(model: type[Base]) -> Table:
+    """The Core table of a model: the hot paths use Core statements on the same tables."""
+    return cast(Table, model.__table__)

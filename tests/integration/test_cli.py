@@ -1,0 +1,140 @@
+"""The ``broker`` command as an operator uses it: migrate, run, send with any MLLP client, stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from broker.hl7.mllp_client import MLLPClient
+from tests.conftest import ROOT, sample
+from tests.hl7_support import msa_code
+
+pytestmark = pytest.mark.integration
+BROKER = [sys.executable, "-m", "broker"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def env_for(database_url: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    env.update(BROKER_DATABASE_URL=database_url, BROKER_HL7_HOST="127.0.0.1", BROKER_LOG_FORMAT="json", **extra)
+    return env
+
+
+def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*BROKER, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+def wait_for_port(port: int, process: subprocess.Popen[str], seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"broker exited: {process.stderr.read() if process.stderr else ''}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise AssertionError("broker did not start listening")
+
+
+@pytest.fixture
+def started(database_url: str, request: pytest.FixtureRequest) -> Iterator[tuple[int, subprocess.Popen[str]]]:
+    processes = getattr(request, "param", "0")
+    port = free_port()
+    env = env_for(database_url, BROKER_HL7_PORT=str(port), BROKER_HL7_PROCESSES=processes)
+    assert run_cli("db", "upgrade", env=env).returncode == 0
+    process = subprocess.Popen([*BROKER, "run"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_port(port, process)
+        yield port, process
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@pytest.mark.parametrize("started", ["0", "2"], indirect=True, ids=["threads", "worker-processes"])
+def test_broker_run_takes_the_samples(started: tuple[int, subprocess.Popen[str]]) -> None:
+    port, process = started
+    with MLLPClient("127.0.0.1", port) as client:
+        codes = [msa_code(client.send(sample(name))) for name in (
+            "orm_o01_new.hl7", "orm_o01_reschedule.hl7", "adt_a08_update.hl7", "adt_a40_merge.hl7",
+            "orm_o01_cancel.hl7")]
+    assert codes == ["AA"] * 5
+    with MLLPClient("127.0.0.1", port) as client:
+        assert msa_code(client.send(sample("orm_o01_bad_fields.hl7"))) == "AE"
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0
+    assert process.stderr is not None
+    log = process.stderr.read()
+    assert '"event": "broker.stopped"' in log
+    assert "MÜLLER" not in log and "ERIKA" not in log  # no patient names in the logs
+
+
+@pytest.mark.parametrize("started", ["1"], indirect=True, ids=["one-worker-process"])
+def test_a_killed_worker_process_is_replaced(started: tuple[int, subprocess.Popen[str]]) -> None:
+    port, process = started
+    children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+    assert children, "the worker process should be running"
+    with MLLPClient("127.0.0.1", port) as client:
+        assert msa_code(client.send(sample("orm_o01_new.hl7"))) == "AA"
+        for pid in children:
+            os.kill(int(pid), signal.SIGKILL)
+        time.sleep(0.5)
+        assert msa_code(client.send(sample("adt_a08_update.hl7"))) == "AA"
+
+
+def test_run_refuses_an_unmigrated_database(tmp_path: Path) -> None:
+    result = run_cli("run", env=env_for(f"sqlite:///{tmp_path / 'empty.db'}", BROKER_HL7_PORT=str(free_port())))
+    assert result.returncode == 2
+    assert result.stderr.strip() == "broker: the database schema is not current: run 'broker db upgrade' first"
+
+
+def test_bad_setting_stops_startup_with_one_line(tmp_path: Path) -> None:
+    result = run_cli("run", env=env_for(f"sqlite:///{tmp_path / 'x.db'}", BROKER_HL7_PORT="not-a-port"))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "BROKER_HL7_PORT='not-a-port'" in lines[0]
+
+
+def test_mapping_test_prints_the_items_without_storing(tmp_path: Path) -> None:
+    db = tmp_path / "never.db"
+    result = run_cli("mapping", "test", str(ROOT.parent / "shared/samples/hl7/omi_o23_two_steps.hl7"),
+                     env=env_for(f"sqlite:///{db}"))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert out.count("--- worklist item") == 2
+    assert "NGUYỄN^LINH^^MS" in out and "SPS501A" in out and "SPS501B" in out and "MR2" in out
+    assert "ISO_IR 192" in out
+    assert not db.exists()
+
+
+def test_mapping_test_shows_the_problems(tmp_path: Path) -> None:
+    result = run_cli("mapping", "test", str(ROOT.parent / "shared/samples/hl7/orm_o01_bad_fields.hl7"),
+                     env=env_for(f"sqlite:///{tmp_path / 'x.db'}"))
+    assert result.returncode == 0
+    assert "ERR 102 PID-7" in result.stdout and "ERR 101 OBR-18" in result.stdout
+
+
+def test_mapping_test_json(tmp_path: Path) -> None:
+    import json
+
+    result = run_cli("mapping", "test", "--json", str(ROOT.parent / "shared/samples/hl7/orm_o01_new.hl7"),
+                     env=env_for(f"sqlite:///{tmp_path / 'x.db'}"))
+    items = json.loads(result.stdout[result.stdout.index("["):])
+    assert items[0]["00080050"]["Value"] == ["ACC77001"]
