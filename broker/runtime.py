@@ -32,7 +32,9 @@ def build_intake(settings: Settings, pool_size: int | None = None) -> Intake:
     if not migrate.is_current(engine):
         raise StartupError("the database schema is not current: run 'broker db upgrade' first")
     mappings = load_mappings(settings.mappings_dir)
-    return Intake(engine, mappings, settings.uid_root)
+    archive = make_engine(settings.database_url, pool_size=pool_size or settings.hl7_workers,
+                          flush_with_next_commit=True)
+    return Intake(engine, mappings, settings.uid_root, archive_engine=archive)
 
 
 async def serve(settings: Settings) -> None:

@@ -48,8 +48,11 @@ _RECORD_OUTCOME = update(MESSAGES).where(MESSAGES.c.id == bindparam("pk"))
 class Intake:
     """The :data:`~broker.hl7.mllp.MessageHandler` of the listener: bytes in, reply frames out."""
 
-    def __init__(self, engine: Engine, mappings: MappingSet, uid_root: str = "") -> None:
+    def __init__(self, engine: Engine, mappings: MappingSet, uid_root: str = "",
+                 archive_engine: Engine | None = None) -> None:
         self.engine = engine
+        # Archive rows may be committed without their own flush: see make_engine(flush_with_next_commit).
+        self.archive_engine = archive_engine or engine
         self.mappings = mappings
         self.uid_root = uid_root
         # SQLite has one writer at a time; its busy handler sleeps up to 100 ms between tries, which
@@ -58,9 +61,9 @@ class Intake:
             threading.Lock() if engine.dialect.name == "sqlite" else nullcontext())
 
     @contextmanager
-    def _transaction(self) -> Iterator[Connection]:
+    def _transaction(self, engine: Engine | None = None) -> Iterator[Connection]:
         """A write transaction, serialised per process on SQLite."""
-        with self._writer, self.engine.begin() as db:
+        with self._writer, (engine or self.engine).begin() as db:
             yield db
 
     def __call__(self, raw: bytes, peer: tuple[str, int]) -> list[bytes]:
@@ -92,7 +95,7 @@ class Intake:
                "charset": header.character_set[:32]}
         for attempt in range(RETRIES):
             try:
-                with self._transaction() as db:
+                with self._transaction(self.archive_engine) as db:
                     pk: int = db.execute(_INSERT_MESSAGE, {"received_at": datetime.now(), "status": "received",
                                                            **row}).scalar_one()
                     return pk

@@ -13,6 +13,7 @@ whose first attempt was committed is answered with the stored ACK, not applied t
 from __future__ import annotations
 
 import multiprocessing
+import signal
 import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -28,6 +29,9 @@ _intake = None  # the Intake of this worker process, built by _initialise
 
 def _initialise(settings_json: str) -> None:
     global _intake
+    # A terminal's Ctrl-C reaches the whole process group; the listener process decides when the
+    # workers stop (after in-flight messages are answered), so they ignore SIGINT themselves.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     from broker import logs
     from broker.runtime import build_intake
 

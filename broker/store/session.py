@@ -16,8 +16,15 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 
-def make_engine(database_url: str, *, pool_size: int = 10) -> Engine:
-    """Create the engine for ``database_url``, creating the SQLite file's directory if needed."""
+def make_engine(database_url: str, *, pool_size: int = 10, flush_with_next_commit: bool = False) -> Engine:
+    """Create the engine for ``database_url``, creating the SQLite file's directory if needed.
+
+    ``flush_with_next_commit`` gives an engine whose commits do not wait for their own disk flush
+    (PostgreSQL ``synchronous_commit=off`` in autocommit mode, SQLite ``synchronous=NORMAL``). Both
+    databases write one log in order, so such a commit is on disk as soon as any later ordinary
+    commit is: the intake archives a message this way and then commits its processing durably
+    before the ACK. A crash in between loses at most a message that was never acknowledged.
+    """
     url = make_url(database_url)
     if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:":
@@ -28,21 +35,25 @@ def make_engine(database_url: str, *, pool_size: int = 10) -> Engine:
             pool_size=pool_size,
             max_overflow=pool_size,
         )
-        _configure_sqlite(engine)
+        _configure_sqlite(engine, "NORMAL" if flush_with_next_commit else "FULL")
         return engine
     # No pre-ping: it costs a round trip per checkout on the hot path. A dropped connection fails the
     # statement with OperationalError, which the intake retries on a fresh connection.
+    if flush_with_next_commit:
+        return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_recycle=3600,
+                             isolation_level="AUTOCOMMIT",
+                             connect_args={"options": "-c synchronous_commit=off"})
     return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_recycle=3600)
 
 
-def _configure_sqlite(engine: Engine) -> None:
+def _configure_sqlite(engine: Engine, synchronous: str) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Let SQLAlchemy, not pysqlite, issue BEGIN (see the "begin" hook below).
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute(f"PRAGMA synchronous={synchronous}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.close()
