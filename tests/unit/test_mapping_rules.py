@@ -83,6 +83,7 @@ RULES: list[tuple[str, str, dict[str, str], dict[str, str], str]] = [
     ("RequestedProcedurePriority", "item", V251, {}, "MEDIUM"),
     ("RequestingPhysician", "item", V231, {}, "REQ^ROBERT"),
     ("MedicalAlerts", "item", V231, {}, "ALLERGY"),
+    ("PatientState", "item", V231, {"OBR": V231["OBR"].replace("|||ALLERGY", "||ISOLATION|ALLERGY")}, "ISOLATION"),
     ("StudyInstanceUID", "item", V231, {}, "1.2.3.4"),
     ("StudyInstanceUID", "item", V251, {}, "1.2.3.5"),
     ("SpecificCharacterSet", "item", V251, {}, "ISO_IR 192"),
@@ -110,6 +111,16 @@ def test_rule(mapping: Mapping, keyword: str, level: str, template: dict[str, st
     patient, item, step = map_message(build(template, **changes), mapping)
     source = {"patient": patient, "item": item, "step": step}[level]
     assert value(source, keyword) == expected
+
+
+# Rules whose value is a sequence are tested by their own functions below.
+SEQUENCE_RULES = {"RequestedProcedureCodeSequence", "ScheduledProtocolCodeSequence", "OtherPatientIDsSequence"}
+
+
+def test_every_rule_of_the_default_mapping_has_a_test(mapping: Mapping) -> None:
+    in_file = {rule.keyword for rules in mapping.rules.values() for rule in rules}
+    tested = {r[0] for r in RULES} | SEQUENCE_RULES
+    assert in_file - tested == set()
 
 
 def test_code_sequences(mapping: Mapping) -> None:
