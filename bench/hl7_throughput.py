@@ -572,6 +572,15 @@ def throughput_run(broker: Broker, messages: list[bytes], connections: int, samp
         "completed": completed,
         "messages_per_s": completed / wall if wall > 0 else math.nan,
         **latency_summary(all_latencies),
+        **_outcome_fields(outcomes, cpu_before, cpu_after, client_cpu, sampler),
+        "meets_target": outcomes.failed == 0 and completed / wall >= TARGET_MSGS_PER_S,
+    }
+
+
+def _outcome_fields(outcomes: Outcomes, cpu_before: float | None, cpu_after: float | None, client_cpu: float,
+                    sampler: RssSampler) -> dict[str, Any]:
+    """The fields every run reports: replies by outcome, CPU of broker and client, broker memory."""
+    return {
         "acked_aa": outcomes.acked_aa,
         "not_aa": outcomes.not_aa,
         "errors": outcomes.errors,
@@ -581,7 +590,6 @@ def throughput_run(broker: Broker, messages: list[bytes], connections: int, samp
         "broker_cpu_s": (cpu_after - cpu_before) if cpu_before is not None and cpu_after is not None else None,
         "client_cpu_s": client_cpu,
         "broker_peak_rss_mb": sampler.peaks_mb(),
-        "meets_target": outcomes.failed == 0 and completed / wall >= TARGET_MSGS_PER_S,
     }
 
 
@@ -641,15 +649,7 @@ def rate_run(broker: Broker, messages: list[bytes], rate: float, sampler: RssSam
         "from_send": latency_summary(from_send),
         "late_sends": sum(1 for b in behind if b > 0.001),
         "max_behind_schedule_ms": max(behind) * 1000.0 if behind else math.nan,
-        "acked_aa": outcomes.acked_aa,
-        "not_aa": outcomes.not_aa,
-        "errors": outcomes.errors,
-        "unsent": outcomes.unsent,
-        "first_failure": outcomes.first_bad,
-        "failed": outcomes.failed > 0,
-        "broker_cpu_s": (cpu_after - cpu_before) if cpu_before is not None and cpu_after is not None else None,
-        "client_cpu_s": client_cpu,
-        "broker_peak_rss_mb": sampler.peaks_mb(),
+        **_outcome_fields(outcomes, cpu_before, cpu_after, client_cpu, sampler),
         "meets_target": (outcomes.failed == 0 and sched["p99_ms"] < TARGET_P99_MS) if rate == TARGET_RATE else None,
     }
 

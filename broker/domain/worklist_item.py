@@ -12,10 +12,6 @@ from typing import Any
 from broker.dicom_json import JsonDataset, element, tag_of, value
 
 SPS_SEQUENCE = tag_of("ScheduledProcedureStepSequence")
-PATIENT_LEVEL = (
-    "PatientName", "PatientID", "IssuerOfPatientID", "OtherPatientIDsSequence", "PatientBirthDate",
-    "PatientSex",
-)
 
 
 def step_item(item: JsonDataset) -> JsonDataset:

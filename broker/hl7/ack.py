@@ -56,7 +56,7 @@ class Header:
     @classmethod
     def from_raw(cls, raw: bytes) -> Header:
         """Best effort from undecoded bytes: the MSH segment read as Latin-1 (MSH is ASCII by rule)."""
-        head = raw.lstrip(b"\xef\xbb\xbf \t\r\n")
+        head = raw.lstrip(b"\xef\xbb\xbf \t\r\n\x0b")
         end = min((i for i in (head.find(b"\r"), head.find(b"\n")) if i >= 0), default=len(head))
         try:
             return cls.from_message(parse(head[:end].decode("latin-1")))

@@ -154,7 +154,7 @@ class Message:
 
 def parse(text: str) -> Message:
     """Split a decoded message into segments; raises :class:`MessageError` (AR) without a usable MSH."""
-    text = text.lstrip("\ufeff \t\r\n")
+    text = text.lstrip("\ufeff \t\r\n\x0b")
     if not text.startswith("MSH") or len(text) < 8:
         raise MessageError([Problem(SEGMENT_SEQUENCE_ERROR, "message does not start with an MSH segment",
                                     "MSH")], reject=True)

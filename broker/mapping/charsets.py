@@ -18,7 +18,6 @@ __all__ = [
     "UnknownCharset",
     "charset_by_dicom_term",
     "charset_for_msh18",
-    "read_msh18",
 ]
 
 
@@ -99,30 +98,3 @@ def charset_by_dicom_term(term: str) -> Charset:
     raise UnknownCharset(f"unknown DICOM Specific Character Set: {term[:40]!r}")
 
 
-_BOM = b"\xef\xbb\xbf"
-
-
-def read_msh18(raw: bytes) -> str:
-    """MSH-18 (first repetition, stripped) of a raw message, without decoding the message.
-
-    The character set is needed before the message can be decoded, so only the MSH segment is read,
-    as latin-1 (every byte decodes, and MSH's own fields are ASCII). A leading BOM or whitespace (for
-    example a leftover MLLP start block) is skipped; ``""`` when the bytes do not start with ``MSH``.
-    """
-    data = raw.lstrip()
-    if data.startswith(_BOM):
-        data = data[len(_BOM):].lstrip()
-    if not data.startswith(b"MSH") or len(data) < 4:
-        return ""
-    separator = data[3:4].decode("latin-1")
-    if separator.isalnum() or separator.isspace():
-        return ""
-    end = min((i for i in (data.find(b"\r"), data.find(b"\n")) if i >= 0), default=len(data))
-    fields = data[:end].decode("latin-1").split(separator)
-    if len(fields) < 18:
-        return ""
-    encoding_characters = fields[1]
-    value = fields[17]
-    if len(encoding_characters) >= 2:
-        value = value.split(encoding_characters[1])[0]
-    return value.strip()

@@ -19,7 +19,6 @@ __all__ = [
     "code_item",
     "hl7_date_to_da",
     "hl7_ts_to_da_tm",
-    "hl7_ts_to_datetime",
     "is_valid_uid",
     "map_value",
     "pick_code_triple",
@@ -77,10 +76,6 @@ class _Timestamp:
         text = f"{self.hour:02d}{self.minute or 0:02d}{self.second or 0:02d}"
         return f"{text}.{self.fraction}" if self.fraction else text
 
-    def to_datetime(self) -> datetime.datetime:
-        microsecond = int(self.fraction.ljust(_TM_FRACTION_DIGITS, "0")) if self.fraction else 0
-        return datetime.datetime(self.date.year, self.date.month, self.date.day, self.hour or 0,
-                                 self.minute or 0, self.second or 0, microsecond)
 
 
 def _parse_ts(value: str, what: str) -> _Timestamp | None:
@@ -132,15 +127,6 @@ def hl7_ts_to_da_tm(value: str) -> tuple[str, str]:
     """
     parsed = _parse_ts(value, "timestamp")
     return ("", "") if parsed is None else (parsed.da, parsed.tm)
-
-
-def hl7_ts_to_datetime(value: str) -> datetime.datetime | None:
-    """HL7 TS -> naive local ``datetime`` (time zone dropped, like :func:`hl7_ts_to_da_tm`); None for empty.
-
-    For ordering and scheduling logic that needs to compare times, not to build DICOM strings.
-    """
-    parsed = _parse_ts(value, "timestamp")
-    return None if parsed is None else parsed.to_datetime()
 
 
 # --- person names ----------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from broker.hl7.mllp import FrameDecoder, MLLPServer, Peer, ServerThread, encode_frame, run_in_thread
 from broker.hl7.mllp_client import MLLPClient, MLLPError
+from tests.mllp_reference import reference
 
 pytestmark = pytest.mark.integration
 
@@ -338,25 +339,6 @@ def test_logs_name_events_but_never_contents(server: ServerThread) -> None:
 FUZZ_LIMIT = 256
 
 
-def reference_frames(data: bytes, limit: int) -> tuple[list[bytes], bool]:
-    """Byte-at-a-time framing rules: (complete frames, whether a frame went over ``limit``)."""
-    frames: list[bytes] = []
-    buffer: bytearray | None = None
-    for value in data:
-        if value == 0x0B:
-            buffer = bytearray()
-        elif buffer is None:
-            continue
-        elif value == 0x0D and buffer[-1:] == EB:
-            frames.append(bytes(buffer[:-1]))
-            buffer = None
-        else:
-            buffer.append(value)
-            if len(buffer) - (buffer[-1:] == EB) > limit:
-                return frames, True
-    return frames, False
-
-
 @pytest.fixture(scope="module")
 def fuzz_server() -> Iterator[ServerThread]:
     with serve(garbled_reply=garbled, idle_timeout=0.5, max_message_bytes=FUZZ_LIMIT, workers=4) as thread:
@@ -380,7 +362,7 @@ piece = st.one_of(
 def test_arbitrary_bytes_never_hang_or_kill_the_server(
         fuzz_server: ServerThread, parts: list[bytes], half_close: bool) -> None:
     stream = b"".join(parts)
-    frames, too_large = reference_frames(stream, FUZZ_LIMIT)
+    frames, too_large = reference(stream, FUZZ_LIMIT)
     expected = [expected_reply(frame) for frame in frames]
     with socket.create_connection((HOST, fuzz_server.port), timeout=5) as sock:
         try:

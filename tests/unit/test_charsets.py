@@ -6,6 +6,7 @@ import codecs
 
 import pytest
 
+from broker.hl7.ack import Header
 from broker.mapping.charsets import (
     ASCII,
     CHARSETS,
@@ -16,7 +17,6 @@ from broker.mapping.charsets import (
     UnknownCharset,
     charset_by_dicom_term,
     charset_for_msh18,
-    read_msh18,
 )
 
 # MSH-18 name, Python codec, DICOM Specific Character Set defined term (the project spec's table)
@@ -109,7 +109,12 @@ def test_charset_is_frozen() -> None:
         LATIN_1.python_codec = "utf_8"  # type: ignore[misc]
 
 
-# --- read_msh18 ----------------------------------------------------------------------------------------
+def msh18(raw: bytes) -> str:
+    """MSH-18 as the intake reads it from undecoded bytes (the ACK header parser)."""
+    return Header.from_raw(raw).character_set.strip()
+
+
+# --- MSH-18 as the intake reads it (before decoding) ---------------------------------------------
 V251_UTF8 = ("MSH|^~\\&|RIS|HOSP|WL|RAD|20261123093000||OMI^O23^OMI_O23|C2|P|2.5.1||||||UNICODE UTF-8\r"
              "PID|1||ID1^^^HOSP^MR||NGUYỄN^LINH^^^MS\r"
              "ORC|NW|P2^RIS|F2^RAD||SC\r").encode()
@@ -118,51 +123,51 @@ V231_LATIN1 = ("MSH|^~\\&|RIS|HOSP|WL|RAD|20261123||ORM^O01|C1|P|2.3.1||||||8859
 
 
 def test_read_msh18_utf8() -> None:
-    assert read_msh18(V251_UTF8) == "UNICODE UTF-8"
+    assert msh18(V251_UTF8) == "UNICODE UTF-8"
 
 
 def test_read_msh18_latin1_body_not_decoded_as_utf8() -> None:
-    assert read_msh18(V231_LATIN1) == "8859/1"
+    assert msh18(V231_LATIN1) == "8859/1"
 
 
 def test_read_msh18_lf_segment_separators() -> None:
     raw = V231_LATIN1.replace(b"\r", b"\n")
-    assert read_msh18(raw) == "8859/1"
+    assert msh18(raw) == "8859/1"
 
 
 def test_read_msh18_crlf_segment_separators() -> None:
-    assert read_msh18(V251_UTF8.replace(b"\r", b"\r\n")) == "UNICODE UTF-8"
+    assert msh18(V251_UTF8.replace(b"\r", b"\r\n")) == "UNICODE UTF-8"
 
 
 def test_read_msh18_does_not_read_past_msh() -> None:
     # MSH has only 12 fields; the PID line has more than 18 once split on "|" and must not be used.
     raw = (b"MSH|^~\\&|RIS|HOSP|WL|RAD|20261123||ORM^O01|C1|P|2.3.1\n"
            b"PID|1|2|3|4|5|6|7|8|9|10|11|12|13|14|15|16|17|X\n")
-    assert read_msh18(raw) == ""
+    assert msh18(raw) == ""
 
 
 def test_read_msh18_absent() -> None:
-    assert read_msh18(b"MSH|^~\\&|RIS|HOSP|WL|RAD|20261123||ORM^O01|C1|P|2.3.1\r") == ""
+    assert msh18(b"MSH|^~\\&|RIS|HOSP|WL|RAD|20261123||ORM^O01|C1|P|2.3.1\r") == ""
 
 
 def test_read_msh18_first_repetition_only() -> None:
     raw = b"MSH|^~\\&|RIS|HOSP|WL|RAD|20261123||OMI^O23|C3|P|2.5.1||||||ASCII~ISO IR87|\rPID|1\r"
-    assert read_msh18(raw) == "ASCII"
+    assert msh18(raw) == "ASCII"
 
 
 def test_read_msh18_other_delimiters() -> None:
     raw = b"MSH#$*\\&#RIS#HOSP#WL#RAD#20261123##ORM$O01#C4#P#2.3.1######8859/2*8859/1#\r"
-    assert read_msh18(raw) == "8859/2"
+    assert msh18(raw) == "8859/2"
 
 
 def test_read_msh18_strips_spaces() -> None:
     raw = b"MSH|^~\\&|RIS|HOSP|WL|RAD|20261123||ORM^O01|C5|P|2.3.1|||||| 8859/1 \r"
-    assert read_msh18(raw) == "8859/1"
+    assert msh18(raw) == "8859/1"
 
 
 @pytest.mark.parametrize("prefix", [b"\xef\xbb\xbf", b"  \r\n", b"\x0b", b"\n\xef\xbb\xbf "])
 def test_read_msh18_skips_bom_and_whitespace(prefix: bytes) -> None:
-    assert read_msh18(prefix + V251_UTF8) == "UNICODE UTF-8"
+    assert msh18(prefix + V251_UTF8) == "UNICODE UTF-8"
 
 
 @pytest.mark.parametrize("raw", [
@@ -174,11 +179,11 @@ def test_read_msh18_skips_bom_and_whitespace(prefix: bytes) -> None:
     b"garbage MSH|^~\\&|RIS|HOSP|WL|RAD|20261123||ORM^O01|C1|P|2.3.1||||||8859/1\r",
 ])
 def test_read_msh18_not_a_message(raw: bytes) -> None:
-    assert read_msh18(raw) == ""
+    assert msh18(raw) == ""
 
 
 def test_read_msh18_result_selects_the_codec() -> None:
-    charset = charset_for_msh18(read_msh18(V251_UTF8), DEFAULT_CHARSET)
+    charset = charset_for_msh18(msh18(V251_UTF8), DEFAULT_CHARSET)
     assert "NGUYỄN" in V251_UTF8.decode(charset.python_codec)
-    charset = charset_for_msh18(read_msh18(V231_LATIN1), UTF_8)
+    charset = charset_for_msh18(msh18(V231_LATIN1), UTF_8)
     assert "MÜLLER" in V231_LATIN1.decode(charset.python_codec)

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker.hl7.mllp import FrameDecoder, FrameTooLarge, encode_frame, unframeable
+from tests.mllp_reference import reference
 
 SB, EB, CR = b"\x0b", b"\x1c", b"\r"
 
@@ -22,27 +23,6 @@ def feed_all(decoder: FrameDecoder, chunks: list[bytes]) -> list[bytes]:
 
 def bytewise(data: bytes) -> list[bytes]:
     return [data[i:i + 1] for i in range(len(data))]
-
-
-def reference(data: bytes, limit: int) -> tuple[list[bytes], bool]:
-    """Byte-at-a-time statement of the framing rules: (frames, too_large)."""
-    frames: list[bytes] = []
-    buffer: bytearray | None = None
-    for value in data:
-        if value == 0x0B:
-            if buffer is not None and len(buffer) - (buffer[-1:] == EB) > limit:
-                return frames, True
-            buffer = bytearray()
-        elif buffer is None:
-            continue
-        elif value == 0x0D and buffer[-1:] == EB:
-            frames.append(bytes(buffer[:-1]))
-            buffer = None
-        else:
-            buffer.append(value)
-            if len(buffer) - (buffer[-1:] == EB) > limit:
-                return frames, True
-    return frames, False
 
 
 def test_one_frame() -> None:

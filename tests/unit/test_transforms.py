@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
-
 import pytest
 
 from broker.mapping.transforms import (
@@ -12,7 +10,6 @@ from broker.mapping.transforms import (
     code_item,
     hl7_date_to_da,
     hl7_ts_to_da_tm,
-    hl7_ts_to_datetime,
     is_valid_uid,
     map_value,
     pick_code_triple,
@@ -117,27 +114,6 @@ def test_ts_to_da_tm(value: str, expected: tuple[str, str]) -> None:
 def test_ts_to_da_tm_refuses(value: str) -> None:
     with pytest.raises(TransformError):
         hl7_ts_to_da_tm(value)
-
-
-# --- hl7_ts_to_datetime --------------------------------------------------------------------------------
-@pytest.mark.parametrize(("value", "expected"), [
-    ("20261123093015", datetime.datetime(2026, 11, 23, 9, 30, 15)),
-    ("202611230930", datetime.datetime(2026, 11, 23, 9, 30)),
-    ("20261123", datetime.datetime(2026, 11, 23)),
-    ("20261123093015.25", datetime.datetime(2026, 11, 23, 9, 30, 15, 250000)),
-    ("20261123093015+0900", datetime.datetime(2026, 11, 23, 9, 30, 15)),  # naive local time
-    ("", None),
-])
-def test_ts_to_datetime(value: str, expected: datetime.datetime | None) -> None:
-    result = hl7_ts_to_datetime(value)
-    assert result == expected
-    assert result is None or result.tzinfo is None
-
-
-@pytest.mark.parametrize("value", ["2026-11-23T09:30", "20260230", "202611", "20261123250000"])
-def test_ts_to_datetime_refuses(value: str) -> None:
-    with pytest.raises(TransformError):
-        hl7_ts_to_datetime(value)
 
 
 # --- xpn_to_pn / xcn_to_pn -----------------------------------------------------------------------------
