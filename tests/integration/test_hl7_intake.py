@@ -163,10 +163,33 @@ def test_circular_merge_is_refused(listener: int) -> None:
     first, second = send(listener, merge, back)
     assert msa_code(first) == "AA"
     assert msa_code(second) == "AE"
-    assert [loc for loc, _, _ in err_fields(second)] == ["MRG-1"]
+    assert [(loc, code) for loc, code, _ in err_fields(second)] == [("MRG-1", "207")]
     self_merge = back.replace(b"ADTBACK", b"ADTSELF").replace(b"MRG|MRN1000", b"MRG|MRN4711")
     [third] = send(listener, self_merge)
     assert msa_code(third) == "AE"
+
+
+def obr(code: str, accession: str, rp_id: str, sps_id: str, modality: str) -> bytes:
+    """An OBR segment with the fields the default mapping reads, at their positions."""
+    fields = [""] * 25
+    fields[0], fields[1], fields[2], fields[4] = "OBR", "1", "PL^CERNER", code
+    fields[18], fields[19], fields[20], fields[24] = accession, rp_id, sps_id, modality
+    return "|".join(fields).encode() + b"\r"
+
+
+def test_omg_o19_schedules_one_step_per_order_group(listener: int, sessions: sessionmaker[Session]) -> None:
+    omg = (b"MSH|^~\\&|CERNER|CITYMED|WL|RAD|20261123||OMG^O19^OMG_O19|OMG1|P|2.5.1\r"
+           b"PID|1||55502^^^CITYMED^MR||PARK^JI||19900101|F\r"
+           b"ORC|NW|PL-601^CERNER|||SC\rTQ1|1||||||20261124080000||R\r"
+           + obr("USABD^US ABDOMEN^LOCAL", "ACC601", "RP601", "SPS601", "US")
+           + b"ORC|NW|PL-602^CERNER|||SC\rTQ1|1||||||20261124090000||R\r"
+           + obr("USNECK^US NECK^LOCAL", "ACC602", "RP602", "SPS602", "US"))
+    [reply] = send(listener, omg)
+    assert msa_code(reply) == "AA"
+    found = steps(sessions)
+    assert [(s.accession_number, s.sps_id, s.modality, s.sps_start_time) for s in found] == [
+        ("ACC601", "SPS601", "US", "080000"), ("ACC602", "SPS602", "US", "090000")]
+    assert found[0].study_instance_uid != found[1].study_instance_uid  # generated, one per procedure
 
 
 def test_many_messages_on_one_connection_and_many_senders_at_once(

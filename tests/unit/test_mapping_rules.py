@@ -228,6 +228,16 @@ def test_station_rules_by_sender_modality_and_code() -> None:
     assert value(step, "ScheduledStationAETitle") == ""  # no rule, no AE: unassigned
 
 
+def test_station_rule_by_sender(mapping: Mapping) -> None:
+    from broker.mapping.rules import StationRule
+
+    ruled = replace(mapping, station_rules=(StationRule((("sending_application", "OTHER"),), "NOT_US"),
+                                            StationRule((("sending_application", "RIS"),
+                                                         ("sending_facility", "HOSP")), "RIS_AE")))
+    _, _, step = map_message(build(V231), ruled)
+    assert value(step, "ScheduledStationAETitle") == "RIS_AE"
+
+
 def test_ipc9_wins_over_rules(mapping: Mapping) -> None:
     from broker.mapping.rules import StationRule
 
