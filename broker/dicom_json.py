@@ -41,17 +41,24 @@ def element(keyword: str, value: Any) -> JsonElement:
         return {"vr": vr, "Value": value}
     if vr == "PN":
         return {"vr": vr, "Value": [{"Alphabetic": value}]}
+    if vr == "CS" and isinstance(value, str) and "\\" in value:
+        # Multi-valued (e.g. Specific Character Set "\\ISO 2022 IR 87"); an empty value is null in JSON.
+        return {"vr": vr, "Value": [v or None for v in value.split("\\")]}
     return {"vr": vr, "Value": [value]}
 
 
 def element_value(elem: JsonElement | None) -> Any:
-    """The first value of a DICOM JSON element (PN: its alphabetic group), or '' when empty."""
+    """The value of a DICOM JSON element: the first one (PN: its alphabetic group), a multi-valued CS
+    joined by backslashes as DICOM writes it, or '' when empty."""
     if not elem or not elem.get("Value"):
         return ""
-    first = elem["Value"][0]
+    values = elem["Value"]
+    first = values[0]
     if isinstance(first, dict) and elem.get("vr") == "PN":
         return first.get("Alphabetic", "")
-    return first
+    if len(values) > 1 and elem.get("vr") == "CS":
+        return "\\".join(v or "" for v in values)
+    return "" if first is None else first
 
 
 def value(dataset: JsonDataset, keyword: str) -> str:

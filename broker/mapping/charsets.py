@@ -51,7 +51,8 @@ CHARSETS: tuple[Charset, ...] = (
     Charset("8859/9", "iso8859_9", "ISO_IR 148"),
     Charset("8859/15", "iso8859_15", "ISO_IR 203"),
     UTF_8,
-    Charset("ISO IR87", "iso2022_jp", "ISO 2022 IR 87"),
+    # Code extension: value 1 empty (ASCII) and value 2 the Kanji set (PS3.3 C.12.1.1.2).
+    Charset("ISO IR87", "iso2022_jp", "\\ISO 2022 IR 87"),
 )
 
 # ISO 8859-1 is what HL7 feeds in Europe send when MSH-18 is empty; a mapping file can choose another.
@@ -65,7 +66,7 @@ def _key(name: str) -> str:
 _BY_HL7: dict[str, Charset] = {_key(c.hl7_name): c for c in CHARSETS}
 # Spellings seen in the field for UTF-8 that HL7 table 0211 does not list exactly.
 _BY_HL7 |= {"UNICODE": UTF_8, "UTF-8": UTF_8}
-_BY_DICOM: dict[str, Charset] = {_key(c.dicom_term): c for c in CHARSETS}
+_BY_DICOM: dict[str, Charset] = {_key(c.dicom_term.split("\\")[-1]): c for c in CHARSETS}
 _BY_DICOM["ISO_IR 6"] = ASCII
 _DICOM_DEFAULT_REPERTOIRE = {"", "ISO 2022 IR 6"}
 

@@ -107,6 +107,22 @@ def test_undecodable_bytes_are_refused(listener: int, sessions: sessionmaker[Ses
         assert session.scalars(select(InboundMessage.raw)).one() == bad
 
 
+def test_japanese_order_in_iso_2022_ir_87(listener: int, sessions: sessionmaker[Session]) -> None:
+    from pydicom import Dataset
+
+    text = (NEW.decode("latin-1").replace("8859/1", "ISO IR87").replace("MÜLLER^ERIKA^A^^FRAU", "山田^太郎")
+            .replace("RIS000101", "JP0001"))
+    [reply] = send(listener, text.encode("iso2022_jp"))
+    assert msa_code(reply) == "AA"
+    assert ack_of(reply, "iso2022_jp").value(ack_of(reply, "iso2022_jp").msh, 18) == "ISO IR87"
+    [step] = steps(sessions)
+    assert step.item["00080005"]["Value"] == [None, "ISO 2022 IR 87"]  # \ISO 2022 IR 87
+    assert step.specific_character_set == "\\ISO 2022 IR 87"
+    dataset = Dataset.from_json(step.item)
+    assert dataset.SpecificCharacterSet == ["", "ISO 2022 IR 87"]
+    assert str(dataset.PatientName) == "山田^太郎"
+
+
 def test_unknown_character_set_is_refused(listener: int) -> None:
     bad = b"MSH|^~\\&|RIS|HOSP|WL|RAD|20261123||ADT^A08|U2|P|2.5.1||||||KLINGON\rPID|1||X1\r"
     [reply] = send(listener, bad)

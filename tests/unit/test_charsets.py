@@ -32,7 +32,7 @@ TABLE = [
     ("8859/9", "iso8859_9", "ISO_IR 148"),
     ("8859/15", "iso8859_15", "ISO_IR 203"),
     ("UNICODE UTF-8", "utf_8", "ISO_IR 192"),
-    ("ISO IR87", "iso2022_jp", "ISO 2022 IR 87"),
+    ("ISO IR87", "iso2022_jp", "\\ISO 2022 IR 87"),  # code extension: value 1 empty
     ("ASCII", "ascii", ""),
 ]
 
