@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.datadict import tag_for_keyword
+
+from broker.dicom_json import vr_of
 
 LEVELS = ("patient", "item", "step")
 POLICIES = ("take-or-generate", "take-or-reject", "generate")
@@ -68,7 +70,7 @@ class AttributeRule:
 
     @property
     def vr(self) -> str:
-        return str(dictionary_VR(self.keyword))
+        return vr_of(self.keyword)
 
 
 @dataclass(frozen=True)
