@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import Any
 
 import structlog
-from sqlalchemy import Connection, Row, and_, bindparam, delete, insert, or_, select, update
+from sqlalchemy import Connection, Row, and_, bindparam, delete, insert, literal, or_, select, update
 
 from broker.dicom_json import JsonDataset, element, tag_of, value
 from broker.domain import worklist_item
@@ -46,9 +46,18 @@ _ORDER_BY_NUMBER = select(ORDERS).where(or_(
          ORDERS.c.filler_issuer == bindparam("filler_issuer")),
 )).order_by(ORDERS.c.id)
 _INSERT_ORDER = insert(ORDERS).returning(ORDERS.c.id)
-_INSERT_PROCEDURE = insert(PROCEDURES).returning(PROCEDURES.c.id)
 _STEP_BY_KEY = select(STEPS.c.id).where(STEPS.c.study_instance_uid == bindparam("study_instance_uid"),
                                         STEPS.c.sps_id == bindparam("sps_id"))
+# A new order's three checks in one round trip: the patient row (NULLs when unknown), whether the
+# order number is taken, whether the first step's key is taken.
+_ANCHOR = select(literal(1).label("one")).subquery("anchor")
+_NEW_ORDER_LOOKUP = select(
+    PATIENTS,
+    _ORDER_BY_NUMBER.with_only_columns(ORDERS.c.id).limit(1).scalar_subquery().label("existing_order_id"),
+    _STEP_BY_KEY.limit(1).scalar_subquery().label("clashing_step_id"),
+).select_from(_ANCHOR.outerjoin(PATIENTS, and_(PATIENTS.c.patient_id == bindparam("patient_id"),
+                                               PATIENTS.c.issuer == bindparam("issuer"))))
+_INSERT_PROCEDURE = insert(PROCEDURES).returning(PROCEDURES.c.id)
 _INSERT_STEP = insert(STEPS).returning(STEPS.c.id)
 _UPDATE_STEP = update(STEPS).where(STEPS.c.id == bindparam("pk"))
 _INSERT_TRANSITION = insert(TRANSITIONS)
@@ -103,8 +112,10 @@ class WorklistService:
 
     def upsert_patient(self, record: PatientRecord) -> StoredPatient:
         """Create the patient or update the attributes the record carries; follows earlier merges."""
+        return self._upsert_patient(record, self._patient_row(record.key))
+
+    def _upsert_patient(self, record: PatientRecord, row: Row[Any] | None) -> StoredPatient:
         now = self.clock()
-        row = self._patient_row(record.key)
         if row is None:
             attributes = {**record.attributes, **_identity_attributes(record.key)}
             pk = self.db.execute(_INSERT_PATIENT, {
@@ -211,13 +222,21 @@ class WorklistService:
 
         Returns the number of steps created.
         """
-        if self.find_order(record) is not None:
+        steps = [(p.study_instance_uid, st.sps_id) for p in record.procedures for st in p.steps]
+        first_uid, first_sps = steps[0] if steps else ("", "")
+        found = self.db.execute(_NEW_ORDER_LOOKUP, {
+            "patient_id": patient_record.key.patient_id, "issuer": patient_record.key.issuer,
+            "placer": record.placer_order_number, "placer_issuer": record.placer_issuer,
+            "filler": record.filler_order_number, "filler_issuer": record.filler_issuer,
+            "study_instance_uid": first_uid, "sps_id": first_sps}).one()
+        if found.existing_order_id is not None and (record.placer_order_number or record.filler_order_number):
             number = record.placer_order_number or record.filler_order_number
             raise DomainError("duplicate_order", f"order {number} exists already", "order")
-        for procedure_record in record.procedures:
-            for step_record in procedure_record.steps:
-                self._check_step_is_new(procedure_record.study_instance_uid, step_record.sps_id)
-        patient = self.upsert_patient(patient_record)
+        if steps and found.clashing_step_id is not None:
+            raise _duplicate_step(first_uid, first_sps)
+        for study_instance_uid, sps_id in steps[1:]:
+            self._check_step_is_new(study_instance_uid, sps_id)
+        patient = self._upsert_patient(patient_record, found if found.id is not None else None)
         now = self.clock()
         order_pk = self.db.execute(_INSERT_ORDER, {
             "patient_fk": patient.pk, "sender": sender[:200], "placer_order_number": record.placer_order_number,
@@ -310,8 +329,7 @@ class WorklistService:
     def _check_step_is_new(self, study_instance_uid: str, sps_id: str) -> None:
         clash = self.db.execute(_STEP_BY_KEY, {"study_instance_uid": study_instance_uid, "sps_id": sps_id}).first()
         if clash is not None:
-            raise DomainError("duplicate_step", f"step {sps_id} of study {study_instance_uid} exists already",
-                              "step")
+            raise _duplicate_step(study_instance_uid, sps_id)
 
     def _add_step(self, procedure_pk: int, patient: StoredPatient, mapped: JsonDataset, cause: Cause,
                   now: datetime) -> int:
@@ -342,6 +360,10 @@ class WorklistService:
 
 
 _IDENTITY_TAGS = {tag_of("PatientID"), tag_of("IssuerOfPatientID")}
+
+
+def _duplicate_step(study_instance_uid: str, sps_id: str) -> DomainError:
+    return DomainError("duplicate_step", f"step {sps_id} of study {study_instance_uid} exists already", "step")
 
 
 def _identity_attributes(key: PatientKey) -> JsonDataset:

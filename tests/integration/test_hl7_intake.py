@@ -70,6 +70,16 @@ def test_cancel_of_unknown_order_is_unknown_key(listener: int, sessions: session
     assert [(loc, code) for loc, code, _ in err_fields(reply)] == [("ORC-2", "204")]
 
 
+def test_new_order_reusing_a_step_key_is_a_duplicate_key(listener: int, sessions: sessionmaker[Session]) -> None:
+    # other placer/filler numbers, same Study Instance UID (ZDS-1) and SPS ID: the step exists already
+    again = with_control_id(NEW, "RIS000905").replace(b"O-77001", b"O-77999")
+    first, second = send(listener, NEW, again)
+    assert msa_code(first) == "AA"
+    assert msa_code(second) == "AE"
+    assert [(loc, code) for loc, code, _ in err_fields(second)] == [("OBR-20", "205")]
+    assert len(steps(sessions)) == 1
+
+
 def test_unsupported_order_control_is_a_table_error(listener: int) -> None:
     [reply] = send(listener, order_control("HD", "", "RIS000904"))
     assert msa_code(reply) == "AE"
