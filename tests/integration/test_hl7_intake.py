@@ -154,11 +154,16 @@ def test_order_for_unknown_patient_creates_the_patient(listener: int, sessions: 
                                                                          "MÜLLER^ERIKA^A^FRAU")
 
 
-def test_a01_registers_and_a31_updates(listener: int, sessions: sessionmaker[Session]) -> None:
-    a01 = (b"MSH|^~\\&|ADT|HOSP|WL|RAD|20261123||ADT^A01|A1|P|2.3.1\rEVN|A01\r"
-           b"PID|1||P9^^^HOSP||ROE^RICHARD||19500505|M\r")
-    a31 = a01.replace(b"ADT^A01|A1", b"ADT^A31|A2").replace(b"ROE^RICHARD", b"ROE^RICK")
-    assert [msa_code(r) for r in send(listener, a01, a31)] == ["AA", "AA"]
+@pytest.mark.parametrize("event", ["A01", "A04", "A05"])
+def test_registration_creates_and_a31_updates(listener: int, sessions: sessionmaker[Session], event: str) -> None:
+    registration = (f"MSH|^~\\&|ADT|HOSP|WL|RAD|20261123||ADT^{event}|A1|P|2.3.1\rEVN|{event}\r".encode()
+                    + b"PID|1||P9^^^HOSP||ROE^RICHARD||19500505|M\r")
+    a31 = registration.replace(f"ADT^{event}|A1".encode(), b"ADT^A31|A2").replace(b"ROE^RICHARD", b"ROE^RICK")
+    [first] = send(listener, registration)
+    with sessions() as session:
+        assert session.scalars(select(Patient.patient_name)).one() == "ROE^RICHARD"
+    [second] = send(listener, a31)
+    assert [msa_code(first), msa_code(second)] == ["AA", "AA"]
     with sessions() as session:
         patient = session.scalars(select(Patient)).one()
     assert (patient.patient_name, patient.birth_date, patient.sex) == ("ROE^RICK", "19500505", "M")
