@@ -510,11 +510,9 @@ def _connection_worker(port: int, messages: list[bytes], latencies: list[float],
                 break
             sent += 1
             started = time.perf_counter()
-            try:
-                reply = client.send(message)
-            except MLLPError as exc:
+            reply = _send(client, message, outcomes)
+            if reply is None:
                 consecutive_errors += 1
-                outcomes.bad("error", str(exc))
                 continue
             latencies.append(time.perf_counter() - started)
             consecutive_errors = 0
@@ -577,6 +575,18 @@ def throughput_run(broker: Broker, messages: list[bytes], connections: int, samp
     }
 
 
+def _send(client: Any, message: bytes, outcomes: Outcomes) -> bytes | None:
+    """One message and its reply; a connection error or timeout is counted and gives None."""
+    from broker.hl7.mllp_client import MLLPError
+
+    try:
+        reply: bytes = client.send(message)
+    except MLLPError as exc:
+        outcomes.bad("error", str(exc))
+        return None
+    return reply
+
+
 def _outcome_fields(outcomes: Outcomes, cpu_before: float | None, cpu_after: float | None, client_cpu: float,
                     sampler: RssSampler) -> dict[str, Any]:
     """The fields every run reports: replies by outcome, CPU of broker and client, broker memory."""
@@ -595,7 +605,7 @@ def _outcome_fields(outcomes: Outcomes, cpu_before: float | None, cpu_after: flo
 
 def rate_run(broker: Broker, messages: list[bytes], rate: float, sampler: RssSampler,
              abort: threading.Event) -> dict[str, Any]:
-    from broker.hl7.mllp_client import MLLPClient, MLLPError
+    from broker.hl7.mllp_client import MLLPClient
 
     outcomes = Outcomes()
     from_schedule: list[float] = []
@@ -618,11 +628,9 @@ def rate_run(broker: Broker, messages: list[bytes], rate: float, sampler: RssSam
                 time.sleep(wait)
             sent += 1
             send_at = time.perf_counter()
-            try:
-                reply = client.send(message)
-            except MLLPError as exc:
+            reply = _send(client, message, outcomes)
+            if reply is None:
                 consecutive_errors += 1
-                outcomes.bad("error", str(exc))
                 continue
             last_ack = time.perf_counter()
             consecutive_errors = 0
