@@ -36,6 +36,7 @@ TRANSITIONS = table_of(StepTransition)
 # SQLAlchemy's per-call construction and cache-key work (measured: about half of the CPU per order).
 _PATIENT_BY_KEY = select(PATIENTS).where(PATIENTS.c.patient_id == bindparam("patient_id"),
                                          PATIENTS.c.issuer == bindparam("issuer"))
+_PATIENT_BY_PK = select(PATIENTS).where(PATIENTS.c.id == bindparam("pk"))
 _INSERT_PATIENT = insert(PATIENTS).returning(PATIENTS.c.id)
 _UPDATE_PATIENT = update(PATIENTS).where(PATIENTS.c.id == bindparam("pk"))
 # One lookup by placer or filler order number; an empty number matches nothing.
@@ -101,10 +102,20 @@ class WorklistService:
     def _patient_row(self, key: PatientKey) -> Row[Any] | None:
         return self.db.execute(_PATIENT_BY_KEY, {"patient_id": key.patient_id, "issuer": key.issuer}).first()
 
+    def _patient_by_pk(self, pk: int) -> Row[Any]:
+        return self.db.execute(_PATIENT_BY_PK, {"pk": pk}).one()
+
+    def _insert_patient(self, key: PatientKey, attributes: JsonDataset) -> int:
+        now = self.clock()
+        pk: int = self.db.execute(_INSERT_PATIENT, {
+            "patient_id": key.patient_id, "issuer": key.issuer, "created_at": now, "updated_at": now,
+            **_patient_columns(attributes)}).scalar_one()
+        return pk
+
     def _surviving_row(self, row: Row[Any]) -> Row[Any]:
         seen = {row.id}
         while row.merged_into_id is not None:
-            row = self.db.execute(select(PATIENTS).where(PATIENTS.c.id == row.merged_into_id)).one()
+            row = self._patient_by_pk(row.merged_into_id)
             if row.id in seen:  # pragma: no cover - merges are checked for cycles when made
                 break
             seen.add(row.id)
@@ -118,10 +129,7 @@ class WorklistService:
         now = self.clock()
         if row is None:
             attributes = {**record.attributes, **_identity_attributes(record.key)}
-            pk = self.db.execute(_INSERT_PATIENT, {
-                "patient_id": record.key.patient_id, "issuer": record.key.issuer, "created_at": now,
-                "updated_at": now, **_patient_columns(attributes)}).scalar_one()
-            return StoredPatient(pk, record.key, attributes)
+            return StoredPatient(self._insert_patient(record.key, attributes), record.key, attributes)
         incoming = record.attributes
         if row.merged_into_id is not None:
             surviving = self._surviving_row(row)
@@ -158,13 +166,8 @@ class WorklistService:
             return self._refresh_items(patient, self._steps_of(patient.pk, None))
         target = self.upsert_patient(surviving)
         if prior_row is None:
-            now = self.clock()
-            attributes = _identity_attributes(prior)
-            prior_pk = self.db.execute(insert(PATIENTS).values(
-                patient_id=prior.patient_id, issuer=prior.issuer, created_at=now, updated_at=now,
-                **_patient_columns(attributes)).returning(PATIENTS.c.id)).scalar_one()
-            prior_row = self.db.execute(select(PATIENTS).where(PATIENTS.c.id == prior_pk)).one()
-        target_row = self.db.execute(select(PATIENTS).where(PATIENTS.c.id == target.pk)).one()
+            prior_row = self._patient_by_pk(self._insert_patient(prior, _identity_attributes(prior)))
+        target_row = self._patient_by_pk(target.pk)
         if prior_row.id == target.pk or self._surviving_row(target_row).id == prior_row.id:
             raise DomainError("circular_merge", f"patient {surviving.key} was merged into {prior}; "
                               "merging back would be circular", "prior_patient")
@@ -229,7 +232,7 @@ class WorklistService:
             "placer": record.placer_order_number, "placer_issuer": record.placer_issuer,
             "filler": record.filler_order_number, "filler_issuer": record.filler_issuer,
             "study_instance_uid": first_uid, "sps_id": first_sps}).one()
-        if found.existing_order_id is not None and (record.placer_order_number or record.filler_order_number):
+        if found.existing_order_id is not None:  # an empty order number matches no order
             number = record.placer_order_number or record.filler_order_number
             raise DomainError("duplicate_order", f"order {number} exists already", "order")
         if steps and found.clashing_step_id is not None:

@@ -32,7 +32,7 @@ from broker.hl7 import ack
 from broker.hl7.dispatch import Context, handler_for
 from broker.hl7.errors import APPLICATION_INTERNAL_ERROR, DATA_TYPE_ERROR, MessageError, Problem
 from broker.hl7.message import parse
-from broker.mapping.charsets import Charset, UnknownCharset, charset_by_dicom_term, charset_for_msh18
+from broker.mapping.charsets import Charset, UnknownCharset, message_charset
 from broker.mapping.rules import Mapping, MappingSet
 from broker.store.tables import InboundMessage, table_of
 
@@ -126,7 +126,7 @@ class Intake:
         for attempt in range(RETRIES):
             try:
                 with self._transaction() as db:
-                    text, problems = self._apply(db, raw, header, charset, mapping, message_id), []
+                    text = self._apply(db, raw, header, charset, mapping, message_id)
                     replies = self._encode(ack.acknowledgements(header, "AA", [], text), charset)
                     self._record(db, message_id, "AA", replies, "", charset)
                 return "AA", replies, ""
@@ -172,10 +172,10 @@ class Intake:
             values["charset"] = charset.hl7_name
         db.execute(_RECORD_OUTCOME, {"pk": message_id, **values})
 
-    def _charset(self, header: ack.Header, default_name: str) -> Charset | None:
+    @staticmethod
+    def _charset(header: ack.Header, default_name: str) -> Charset | None:
         try:
-            default = charset_for_msh18(default_name, charset_by_dicom_term("ISO_IR 100"))
-            return charset_for_msh18(header.character_set, default)
+            return message_charset(header.character_set, default_name)
         except UnknownCharset:
             return None
 

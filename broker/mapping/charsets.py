@@ -18,6 +18,7 @@ __all__ = [
     "UnknownCharset",
     "charset_by_dicom_term",
     "charset_for_msh18",
+    "message_charset",
 ]
 
 
@@ -83,6 +84,14 @@ def charset_for_msh18(value: str, default: Charset) -> Charset:
         return _BY_HL7[_key(value)]
     except KeyError:
         raise UnknownCharset(f"unknown HL7 character set (MSH-18): {value[:40]!r}") from None
+
+
+def message_charset(msh18: str, default_name: str) -> Charset:
+    """The character set of a message: MSH-18, else the mapping's ``default_character_set``.
+
+    Raises :class:`UnknownCharset` when either names no known set.
+    """
+    return charset_for_msh18(msh18, charset_for_msh18(default_name, DEFAULT_CHARSET))
 
 
 def charset_by_dicom_term(term: str) -> Charset:

@@ -18,7 +18,7 @@ from broker.hl7.ack import Header
 from broker.hl7.dispatch import ORDER_CONTROL, order_action
 from broker.hl7.errors import MessageError
 from broker.hl7.message import parse
-from broker.mapping.charsets import DEFAULT_CHARSET, charset_for_msh18
+from broker.mapping.charsets import message_charset
 from broker.mapping.engine import Mapper
 from broker.mapping.rules import load_mappings
 
@@ -30,8 +30,7 @@ def preview(raw: bytes, settings: Settings, *, as_json: bool = False) -> str:
     mapping = mappings.for_sender(header.sending_application, header.sending_facility)
     lines = [f"mapping: {mapping.name}"]
     try:
-        charset = charset_for_msh18(header.character_set, charset_for_msh18(mapping.default_character_set,
-                                                                             DEFAULT_CHARSET))
+        charset = message_charset(header.character_set, mapping.default_character_set)
         message = parse(raw.decode(charset.python_codec))
         lines.append(f"message: {'^'.join(message.message_type)} {message.control_id} "
                      f"(character set {charset.hl7_name} -> Specific Character Set {charset.dicom_term!r})")
