@@ -822,6 +822,14 @@ def _verdict(ok: bool | None) -> str:
     return {True: "PASS", False: "FAIL", None: "n/a"}[ok]
 
 
+def _runs_of(report: dict[str, Any], kind: str) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    """(backend, run) for every run of ``kind`` ("throughput" or "fixed_rate"), in report order."""
+    for backend in report["backends"]:
+        for run in backend["runs"]:
+            if run["kind"] == kind:
+                yield backend, run
+
+
 def print_report(report: dict[str, Any]) -> None:
     facts = report["machine"]
     print("\n" + "=" * 118)
@@ -836,15 +844,12 @@ def print_report(report: dict[str, Any]) -> None:
               f"{'p99 ms':>9}{'max ms':>9}{'non-AA':>8}{'errors':>7}{'mem MB':>8}{'CPU s':>7}{'cli CPU':>8}  target")
     print(header)
     print("-" * len(header))
-    for backend in report["backends"]:
-        for run in backend["runs"]:
-            if run["kind"] != "throughput":
-                continue
-            print(f"{backend['backend']:<11}{run['messages']:>7}{run['connections']:>5}{_fmt(run['wall_s'], '.2f'):>9}"
-                  f"{_fmt(run['messages_per_s']):>9}{_fmt(run['p50_ms']):>9}{_fmt(run['p95_ms']):>9}"
-                  f"{_fmt(run['p99_ms']):>9}{_fmt(run['max_ms']):>9}{run['not_aa']:>8}"
-                  f"{run['errors'] + run['unsent']:>7}{_fmt(run['broker_peak_rss_mb']['tree_pss'], '.0f'):>8}"
-                  f"{_fmt(run['broker_cpu_s']):>7}{_fmt(run['client_cpu_s']):>8}  {_verdict(run['meets_target'])}")
+    for backend, run in _runs_of(report, "throughput"):
+        print(f"{backend['backend']:<11}{run['messages']:>7}{run['connections']:>5}{_fmt(run['wall_s'], '.2f'):>9}"
+              f"{_fmt(run['messages_per_s']):>9}{_fmt(run['p50_ms']):>9}{_fmt(run['p95_ms']):>9}"
+              f"{_fmt(run['p99_ms']):>9}{_fmt(run['max_ms']):>9}{run['not_aa']:>8}"
+              f"{run['errors'] + run['unsent']:>7}{_fmt(run['broker_peak_rss_mb']['tree_pss'], '.0f'):>8}"
+              f"{_fmt(run['broker_cpu_s']):>7}{_fmt(run['client_cpu_s']):>8}  {_verdict(run['meets_target'])}")
     print("\nFixed rate (one connection, scheduled sends; latency from scheduled / actual send time)"
           f"      target: {TARGET_TEXT[1]}")
     header = (f"{'backend':<11}{'offered':>8}{'achieved':>9}{'msgs':>6}{'sched p50':>10}{'sched p99':>10}"
@@ -852,16 +857,13 @@ def print_report(report: dict[str, Any]) -> None:
               f"{'errors':>7}  target")
     print(header)
     print("-" * len(header))
-    for backend in report["backends"]:
-        for run in backend["runs"]:
-            if run["kind"] != "fixed_rate":
-                continue
-            sched, sent = run["from_schedule"], run["from_send"]
-            print(f"{backend['backend']:<11}{_fmt(run['offered_rate'], '.0f'):>8}{_fmt(run['achieved_rate']):>9}"
-                  f"{run['messages']:>6}{_fmt(sched['p50_ms']):>10}{_fmt(sched['p99_ms']):>10}"
-                  f"{_fmt(sched['max_ms']):>10}{_fmt(sent['p50_ms']):>9}{_fmt(sent['p99_ms']):>9}"
-                  f"{_fmt(sent['max_ms']):>9}{run['late_sends']:>6}{run['not_aa']:>7}"
-                  f"{run['errors'] + run['unsent']:>7}  {_verdict(run['meets_target'])}")
+    for backend, run in _runs_of(report, "fixed_rate"):
+        sched, sent = run["from_schedule"], run["from_send"]
+        print(f"{backend['backend']:<11}{_fmt(run['offered_rate'], '.0f'):>8}{_fmt(run['achieved_rate']):>9}"
+              f"{run['messages']:>6}{_fmt(sched['p50_ms']):>10}{_fmt(sched['p99_ms']):>10}"
+              f"{_fmt(sched['max_ms']):>10}{_fmt(sent['p50_ms']):>9}{_fmt(sent['p99_ms']):>9}"
+              f"{_fmt(sent['max_ms']):>9}{run['late_sends']:>6}{run['not_aa']:>7}"
+              f"{run['errors'] + run['unsent']:>7}  {_verdict(run['meets_target'])}")
     print()
     for backend in report["backends"]:
         name = backend["backend"]
