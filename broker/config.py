@@ -40,7 +40,19 @@ class Settings(BaseSettings):
     mappings_dir: Path = Path("mappings")
 
     ae_title: str = "BROKER"
+    dicom_host: str = "0.0.0.0"
     dicom_port: int = Field(11112, ge=1, le=65535)
+    dicom_max_associations: int = Field(50, ge=1, le=1000)
+    dicom_acse_timeout: float = Field(30, gt=0)
+    dicom_dimse_timeout: float = Field(30, gt=0)
+    dicom_network_timeout: float = Field(60, gt=0)
+    dicom_max_pdu: int = Field(65536, ge=0)
+    dicom_tcp_quickack: bool = True
+    dicom_allowed_callers: str = ""
+    mwl_station_sees_own_items: bool = False
+    mwl_hidden_statuses: str = "STARTED,COMPLETED,CANCELED,DISCONTINUED"
+    mwl_pn_case_insensitive: bool = True
+    mwl_page_size: int = Field(500, ge=1, le=100_000)
     uid_root: str = ""
 
     http_port: int = Field(8080, ge=1, le=65535)
@@ -55,6 +67,41 @@ class Settings(BaseSettings):
         if not value.strip() or len(value) > 16 or "\\" in value:
             raise ValueError("an AE title has 1 to 16 characters and no backslash")
         return value
+
+    @field_validator("dicom_max_pdu")
+    @classmethod
+    def _valid_max_pdu(cls, value: int) -> int:
+        if value and value < 4096:
+            raise ValueError("the maximum PDU is 0 (unlimited) or at least 4096 bytes")
+        return value
+
+    @field_validator("dicom_allowed_callers")
+    @classmethod
+    def _valid_callers(cls, value: str) -> str:
+        for entry in _comma_list(value):
+            title, separator, host = entry.partition("@")
+            if not title or len(title) > 16 or "\\" in title or (separator and not host):
+                raise ValueError(f"{entry!r}: each entry is AE or AE@host (AE of 1 to 16 characters)")
+        return value
+
+    @field_validator("mwl_hidden_statuses")
+    @classmethod
+    def _valid_statuses(cls, value: str) -> str:
+        known = {"SCHEDULED", "ARRIVED", "READY", "STARTED", "COMPLETED", "CANCELED", "DISCONTINUED"}
+        unknown = [s for s in _comma_list(value) if s not in known]
+        if unknown:
+            raise ValueError(f"unknown SPS status {unknown[0]!r}; known: {', '.join(sorted(known))}")
+        return value
+
+    @property
+    def allowed_callers(self) -> list[tuple[str, str]]:
+        """``dicom_allowed_callers`` as (AE title, host or "") pairs; empty = every caller allowed."""
+        return [(title, host) for title, _, host in (e.partition("@") for e in _comma_list(self.dicom_allowed_callers))]
+
+    @property
+    def hidden_statuses(self) -> frozenset[str]:
+        """SPS statuses a worklist query does not return unless it asks for them."""
+        return frozenset(_comma_list(self.mwl_hidden_statuses))
 
     @field_validator("database_url")
     @classmethod
@@ -83,6 +130,11 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Order is priority: explicit arguments, then the environment, then the YAML file.
         return (init_settings, env_settings, _YamlSource(settings_cls))
+
+
+def _comma_list(value: str) -> list[str]:
+    """A comma-separated setting as its non-empty, stripped entries."""
+    return [part.strip() for part in value.split(",") if part.strip()]
 
 
 class _YamlSource(PydanticBaseSettingsSource):

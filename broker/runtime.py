@@ -1,4 +1,4 @@
-"""Starts and stops the broker's listeners together (today: the HL7 MLLP listener).
+"""Starts and stops the broker's listeners together: the HL7 MLLP listener and the DICOM AE.
 
 The runtime refuses to start on a database that is not at the newest migration: running new code
 on an old schema could store items that a later migration cannot read.
@@ -12,6 +12,7 @@ import signal
 import structlog
 
 from broker.config import Settings
+from broker.dicom.server import DicomServer
 from broker.hl7.intake import Intake
 from broker.hl7.mllp import MessageHandler, MLLPServer
 from broker.hl7.process_pool import IntakeProcessPool
@@ -53,7 +54,14 @@ async def serve(settings: Settings) -> None:
                         idle_timeout=settings.hl7_idle_timeout,
                         max_connections=settings.hl7_max_connections, workers=settings.hl7_workers)
     await server.start()
-    log.info("broker.started", hl7_port=server.port, hl7_processes=settings.hl7_processes, ae_title=settings.ae_title,
+    dicom = DicomServer(settings, make_engine(settings.database_url, pool_size=10, for_reading=True))
+    try:
+        dicom.start()
+    except OSError as exc:
+        await server.stop()
+        raise StartupError(f"cannot listen on DICOM port {settings.dicom_port}: {exc.strerror}") from exc
+    log.info("broker.started", hl7_port=server.port, dicom_port=dicom.port, hl7_processes=settings.hl7_processes,
+             ae_title=settings.ae_title,
              database=_safe_url(settings.database_url), queue="redis" if settings.redis_url else "embedded")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -61,6 +69,7 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("broker.stopping")
+    await asyncio.to_thread(dicom.stop)
     await server.stop()
     if pool is not None:
         await asyncio.to_thread(pool.shutdown)

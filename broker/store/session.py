@@ -16,7 +16,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 
-def make_engine(database_url: str, *, pool_size: int = 10, flush_with_next_commit: bool = False) -> Engine:
+def make_engine(database_url: str, *, pool_size: int = 10, flush_with_next_commit: bool = False,
+                for_reading: bool = False) -> Engine:
     """Create the engine for ``database_url``, creating the SQLite file's directory if needed.
 
     ``flush_with_next_commit`` gives an engine whose commits do not wait for their own disk flush
@@ -24,6 +25,9 @@ def make_engine(database_url: str, *, pool_size: int = 10, flush_with_next_commi
     databases write one log in order, so such a commit is on disk as soon as any later ordinary
     commit is: the intake archives a message this way and then commits its processing durably
     before the ACK. A crash in between loses at most a message that was never acknowledged.
+
+    ``for_reading`` gives an engine for queries only (the worklist SCP): on SQLite its transactions
+    begin deferred, so readers see a WAL snapshot and never take the write lock from the intake.
     """
     url = make_url(database_url)
     if url.get_backend_name() == "sqlite":
@@ -35,7 +39,8 @@ def make_engine(database_url: str, *, pool_size: int = 10, flush_with_next_commi
             pool_size=pool_size,
             max_overflow=pool_size,
         )
-        _configure_sqlite(engine, "NORMAL" if flush_with_next_commit else "FULL")
+        _configure_sqlite(engine, "NORMAL" if flush_with_next_commit else "FULL",
+                          "BEGIN" if for_reading else "BEGIN IMMEDIATE")
         return engine
     # No pre-ping: it costs a round trip per checkout on the hot path. A dropped connection fails the
     # statement with OperationalError, which the intake retries on a fresh connection.
@@ -46,7 +51,7 @@ def make_engine(database_url: str, *, pool_size: int = 10, flush_with_next_commi
     return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_recycle=3600)
 
 
-def _configure_sqlite(engine: Engine, synchronous: str) -> None:
+def _configure_sqlite(engine: Engine, synchronous: str, begin: str) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Let SQLAlchemy, not pysqlite, issue BEGIN (see the "begin" hook below).
@@ -60,7 +65,7 @@ def _configure_sqlite(engine: Engine, synchronous: str) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        connection.exec_driver_sql(begin)
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -110,6 +110,7 @@ class ScheduledStep(Base):
         Index("ix_steps_status_start", "sps_status", "scheduled_start"),
         Index("ix_steps_patient", "patient_id", "issuer_of_patient_id"),
         Index("ix_steps_patient_name", "patient_name_norm"),
+        Index("ix_steps_start", "scheduled_start", "id"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

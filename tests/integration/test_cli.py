@@ -54,7 +54,8 @@ def wait_for_port(port: int, process: subprocess.Popen[str], seconds: float = 60
 def started(database_url: str, request: pytest.FixtureRequest) -> Iterator[tuple[int, subprocess.Popen[str]]]:
     processes = getattr(request, "param", "0")
     port = free_port()
-    env = env_for(database_url, BROKER_HL7_PORT=str(port), BROKER_HL7_PROCESSES=processes)
+    env = env_for(database_url, BROKER_HL7_PORT=str(port), BROKER_HL7_PROCESSES=processes,
+                  BROKER_DICOM_PORT=str(free_port()))
     assert run_cli("db", "upgrade", env=env).returncode == 0
     process = subprocess.Popen([*BROKER, "run"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     try:

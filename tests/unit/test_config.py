@@ -57,6 +57,11 @@ def test_broker_config_names_another_file(monkeypatch: pytest.MonkeyPatch, tmp_p
     ("BROKER_AE_TITLE", "A_TITLE_LONGER_THAN_16", "BROKER_AE_TITLE"),
     ("BROKER_DATABASE_URL", "mysql://x", "BROKER_DATABASE_URL"),
     ("BROKER_LOG_FORMAT", "xml", "BROKER_LOG_FORMAT"),
+    ("BROKER_DICOM_ALLOWED_CALLERS", "CT01,@10.0.0.1", "each entry is AE or AE@host"),
+    ("BROKER_DICOM_ALLOWED_CALLERS", "CT01@", "each entry is AE or AE@host"),
+    ("BROKER_MWL_HIDDEN_STATUSES", "STARTED,FINISHED", "unknown SPS status 'FINISHED'"),
+    ("BROKER_DICOM_MAX_PDU", "1000", "at least 4096"),
+    ("BROKER_DICOM_MAX_ASSOCIATIONS", "0", "BROKER_DICOM_MAX_ASSOCIATIONS"),
 ])
 def test_bad_setting_is_one_clear_line(monkeypatch: pytest.MonkeyPatch, name: str, value: str,
                                        words: str) -> None:
@@ -79,3 +84,11 @@ def test_unknown_key_in_yaml(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
     monkeypatch.setenv("BROKER_CONFIG", str(path))
     with pytest.raises(SettingsError, match=r"hl7_prot.*unknown setting"):
         load_settings()
+
+
+def test_comma_separated_settings_are_read_as_lists(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BROKER_DICOM_ALLOWED_CALLERS", " CT01 , MR1@10.0.0.5,")
+    monkeypatch.setenv("BROKER_MWL_HIDDEN_STATUSES", "COMPLETED, CANCELED")
+    s = load_settings()
+    assert s.allowed_callers == [("CT01", ""), ("MR1", "10.0.0.5")]
+    assert s.hidden_statuses == frozenset({"COMPLETED", "CANCELED"})

@@ -1,0 +1,83 @@
+"""The Modality Worklist C-FIND handler: identifier in, one pending response per matching step out.
+
+The matching itself is ``broker.mwl`` (no sockets there); this handler only maps its outcome to
+PS3.4 K.4.1.1.4 statuses and honours C-CANCEL between responses.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import structlog
+from pydicom.dataset import Dataset
+from pynetdicom.events import Event
+from sqlalchemy.exc import SQLAlchemyError
+
+from broker.mwl.finder import WorklistFinder
+from broker.mwl.identifier import IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, IdentifierError
+
+log = structlog.get_logger(__name__)
+
+SUCCESS = 0x0000
+CANCEL = 0xFE00
+OUT_OF_RESOURCES = 0xA700
+# C001: the query was valid but could not be run (database, bug); identifier errors use the status
+# IdentifierError carries (A900 or C000).
+UNABLE_TO_PROCESS = 0xC001
+
+FindResponse = tuple[int | Dataset, Dataset | None]
+
+
+def failure(status: int, comment: str, offending: tuple[int, ...] = ()) -> Dataset:
+    """A failure status dataset with an Error Comment (LO: at most 64 characters) and, when known,
+    the Offending Element tags."""
+    dataset = Dataset()
+    dataset.Status = status
+    dataset.ErrorComment = comment[:64]
+    if offending:
+        dataset.OffendingElement = list(offending)
+    return dataset
+
+
+def handle_find(event: Event, finder: WorklistFinder) -> Iterator[FindResponse]:
+    """EVT_C_FIND handler for Modality Worklist Information Model - FIND."""
+    calling_ae_title = str(event.assoc.requestor.ae_title).strip()
+    try:
+        identifier = event.identifier
+    except Exception as exc:  # undecodable bytes in the request
+        log.warning("mwl.bad_identifier", calling_ae=calling_ae_title, error=str(exc))
+        yield failure(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, "identifier cannot be decoded"), None
+        return
+    started = time.perf_counter()
+    count = 0
+    try:
+        result = finder.find(identifier, calling_ae_title)
+        pending = result.pending_status
+        for response in result.responses:
+            if event.is_cancelled:
+                log.info("mwl.cancelled", calling_ae=calling_ae_title, returned=count)
+                yield CANCEL, None
+                return
+            count += 1
+            yield pending, response
+    except IdentifierError as exc:
+        log.warning("mwl.invalid_query", calling_ae=calling_ae_title, error=str(exc))
+        yield failure(exc.status, exc.comment, exc.offending), None
+        return
+    except MemoryError:
+        log.error("mwl.out_of_resources", calling_ae=calling_ae_title)
+        yield failure(OUT_OF_RESOURCES, "out of resources"), None
+        return
+    except SQLAlchemyError as exc:
+        log.error("mwl.database_error", calling_ae=calling_ae_title, error=type(exc).__name__)
+        yield failure(UNABLE_TO_PROCESS, "worklist database unavailable"), None
+        return
+    except Exception as exc:  # a bug must answer the modality, not hang it
+        log.exception("mwl.internal_error", calling_ae=calling_ae_title)
+        yield failure(UNABLE_TO_PROCESS, f"internal error ({type(exc).__name__})"), None
+        return
+    log.info("mwl.query", calling_ae=calling_ae_title, matches=count,
+             unsupported_keys=list(result.unsupported_keys) or None,
+             ms=round((time.perf_counter() - started) * 1000, 2))
+    yield SUCCESS, None
