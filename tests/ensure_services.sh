@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Makes sure the real services the integration tests talk to are up on this machine:
-# PostgreSQL on 127.0.0.1:5432 (trust auth, database "test") and Redis on 127.0.0.1:6379.
+# PostgreSQL on 127.0.0.1:5432 (trust auth, database "test") and Redis on 127.0.0.1:6379; and the
+# DICOM clients the worklist tests use as modalities (DCMTK's findscu and echoscu).
 set -uo pipefail
 
 SUDO=""
@@ -39,4 +40,8 @@ pg_up && echo "postgresql: up" || { echo "postgresql: could not start"; exit 1; 
 if ! psql -h 127.0.0.1 -U postgres -d test -Atc 'select 1' >/dev/null 2>&1; then
   psql -h 127.0.0.1 -U postgres -d postgres -c 'create database test' >/dev/null
 fi
+
+# --- DCMTK -----------------------------------------------------------------------------------------
+command -v findscu >/dev/null && command -v echoscu >/dev/null || apt_install dcmtk
+command -v findscu >/dev/null && echo "dcmtk: $(findscu --version | head -1)" || { echo "dcmtk: could not install"; exit 1; }
 exit 0

@@ -126,6 +126,9 @@ class DicomServer:
             log.warning("dicom.association_refused", calling_ae=calling, peer=address,
                         reason="calling AE title not on the allow-list")
             event.assoc.acse.send_reject(*REJECT_CALLING_AE_NOT_RECOGNIZED)
+            # As pynetdicom's own rejections do: wait until the A-ASSOCIATE-RJ is out and the peer has
+            # closed, or the reactor would close the socket first and the caller would see an abort.
+            event.assoc.kill()
 
 
 def _on_echo(event: Event) -> int:

@@ -12,13 +12,13 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from io import BytesIO
 from typing import Any
 
 import pytest
 from conftest import _postgres_database, sample  # tests/ is on sys.path (rootdir conftest, no package)
+from mwl_support import UID_PREFIX, Order, place
 from pydicom import Dataset, Sequence
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
@@ -38,59 +38,6 @@ from broker.store.tables import ScheduledStep, table_of
 pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore:Invalid value for VR")]
 
 STEPS = table_of(ScheduledStep)
-UID_PREFIX = "1.2.826.0.1.3680043.10.543.77."
-CODECS = {"UNICODE UTF-8": "utf-8", "8859/1": "latin-1"}
-
-
-# --- HL7 orders ------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Order:
-    """One OMI^O23 order with one step (IPC); the fields the tests vary."""
-
-    sps: str  # SPS ID; accession, RP ID, order numbers and Study Instance UID derive from it
-    station: str  # IPC-9
-    modality: str = "CT"
-    start: str = "20261123093000"  # TQ1-7, "" = no start
-    name: str = "DOE^JANE"  # PID-5 (XPN)
-    patient_id: str = ""  # default "P" + sps
-    performing: str = ""  # OBR-34 without the ID component, e.g. "GREY^MEREDITH"
-    accession: str = ""  # default "A" + sps
-    birth_date: str = "19700101"
-    charset: str = "UNICODE UTF-8"  # MSH-18
-    study_uid: str | None = ""  # "" = derived from sps, None = not sent (the broker generates one)
-    then: tuple[str, ...] = ()  # later ORC-1^ORC-5 changes: "CA^CA", "SC^IP", "SC^CM", "DC^CA"
-
-
-def omi(order: Order, control: str = "NW", status: str = "SC", control_id: str = "") -> bytes:
-    """The order as an HL7 v2.5.1 OMI^O23 message in its own character set."""
-    derived = UID_PREFIX + "".join(str(ord(c)) for c in order.sps)  # stable, and no leading zero
-    uid = derived if order.study_uid == "" else (order.study_uid or "")
-    obr = ["OBR", "1", f"PL{order.sps}^CERNER", f"FL{order.sps}^RADRIS", "PROC^PROCEDURE^LOCAL"] + [""] * 30
-    obr[24] = order.modality
-    obr[34] = f"1^{order.performing}" if order.performing else ""
-    ipc = ["IPC", f"{order.accession or 'A' + order.sps}^CITYMED", f"R{order.sps}", uid, order.sps,
-           order.modality, "PROTO^PROTOCOL^LOCAL", "", "", order.station]
-    segments = [
-        f"MSH|^~\\&|CERNER|CITYMED|WLBROKER|RADIOLOGY|20261120080000||OMI^O23^OMI_O23|"
-        f"{control_id or order.sps + control}|P|2.5.1||||||{order.charset}",
-        f"PID|1||{order.patient_id or 'P' + order.sps}^^^CITYMED^MR||{order.name}||{order.birth_date}|F",
-        "PV1|1|O|WARD3^301^B^CITYMED",
-        f"ORC|{control}|PL{order.sps}^CERNER|FL{order.sps}^RADRIS||{status}",
-        f"TQ1|1||||||{order.start}||R",
-        "|".join(obr).rstrip("|"),
-        "|".join(ipc),
-    ]
-    return "\r".join(segments).encode(CODECS[order.charset])
-
-
-def place(intake: Intake, *orders: Order) -> None:
-    """Send each order, then its later status changes; every message must be accepted."""
-    for order in orders:
-        messages = [omi(order)] + [omi(order, *change.split("^"), control_id=f"{order.sps}-{n}")
-                                   for n, change in enumerate(order.then)]
-        for message in messages:
-            [reply] = intake.handle(message)
-            assert b"MSA|AA|" in reply, reply
 
 
 ORDERS = [
