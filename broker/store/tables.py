@@ -25,6 +25,17 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeEngine
+
+
+def matching_text(length: int) -> TypeEngine[str]:
+    """A text column a worklist query matches on: byte-wise ("C") collation on PostgreSQL.
+
+    DICOM matching is exact and case-sensitive, and a B-tree index serves ``LIKE 'DOE%'`` only under
+    the C collation; a database created with a language collation (en_US.UTF-8, ...) would otherwise
+    scan for every wildcard query. SQLite compares bytes already.
+    """
+    return String(length).with_variant(String(length, collation="C"), "postgresql")
 
 
 class Base(DeclarativeBase):
@@ -117,31 +128,31 @@ class ScheduledStep(Base):
     procedure_fk: Mapped[int] = mapped_column(ForeignKey("requested_procedures.id"), index=True)
     patient_fk: Mapped[int] = mapped_column(ForeignKey("patients.id"), index=True)
 
-    sps_id: Mapped[str] = mapped_column(String(16))
-    sps_status: Mapped[str] = mapped_column(String(16))
-    scheduled_station_ae_title: Mapped[str] = mapped_column(String(16), default="")
-    scheduled_station_name: Mapped[str] = mapped_column(String(16), default="")
-    sps_location: Mapped[str] = mapped_column(String(16), default="")
+    sps_id: Mapped[str] = mapped_column(matching_text(16))
+    sps_status: Mapped[str] = mapped_column(matching_text(16))
+    scheduled_station_ae_title: Mapped[str] = mapped_column(matching_text(16), default="")
+    scheduled_station_name: Mapped[str] = mapped_column(matching_text(16), default="")
+    sps_location: Mapped[str] = mapped_column(matching_text(16), default="")
     sps_start_date: Mapped[str] = mapped_column(String(8), default="")
     sps_start_time: Mapped[str] = mapped_column(String(14), default="")
     scheduled_start: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
-    modality: Mapped[str] = mapped_column(String(16), default="")
-    performing_physician: Mapped[str] = mapped_column(String(324), default="")
-    performing_physician_norm: Mapped[str] = mapped_column(String(324), default="", index=True)
-    patient_name: Mapped[str] = mapped_column(String(324), default="")
-    patient_name_norm: Mapped[str] = mapped_column(String(324), default="")
-    patient_id: Mapped[str] = mapped_column(String(64), default="")
-    issuer_of_patient_id: Mapped[str] = mapped_column(String(64), default="")
+    modality: Mapped[str] = mapped_column(matching_text(16), default="")
+    performing_physician: Mapped[str] = mapped_column(matching_text(324), default="")
+    performing_physician_norm: Mapped[str] = mapped_column(matching_text(324), default="", index=True)
+    patient_name: Mapped[str] = mapped_column(matching_text(324), default="")
+    patient_name_norm: Mapped[str] = mapped_column(matching_text(324), default="")
+    patient_id: Mapped[str] = mapped_column(matching_text(64), default="")
+    issuer_of_patient_id: Mapped[str] = mapped_column(matching_text(64), default="")
     patient_birth_date: Mapped[str] = mapped_column(String(8), default="")
-    patient_sex: Mapped[str] = mapped_column(String(16), default="")
-    accession_number: Mapped[str] = mapped_column(String(16), default="", index=True)
-    requested_procedure_id: Mapped[str] = mapped_column(String(16), default="", index=True)
-    study_instance_uid: Mapped[str] = mapped_column(String(64))
-    referring_physician: Mapped[str] = mapped_column(String(324), default="")
-    requesting_physician: Mapped[str] = mapped_column(String(324), default="")
-    admission_id: Mapped[str] = mapped_column(String(64), default="", index=True)
-    placer_order_number: Mapped[str] = mapped_column(String(64), default="")
-    filler_order_number: Mapped[str] = mapped_column(String(64), default="")
+    patient_sex: Mapped[str] = mapped_column(matching_text(16), default="")
+    accession_number: Mapped[str] = mapped_column(matching_text(16), default="", index=True)
+    requested_procedure_id: Mapped[str] = mapped_column(matching_text(16), default="", index=True)
+    study_instance_uid: Mapped[str] = mapped_column(matching_text(64))
+    referring_physician: Mapped[str] = mapped_column(matching_text(324), default="")
+    requesting_physician: Mapped[str] = mapped_column(matching_text(324), default="")
+    admission_id: Mapped[str] = mapped_column(matching_text(64), default="", index=True)
+    placer_order_number: Mapped[str] = mapped_column(matching_text(64), default="")
+    filler_order_number: Mapped[str] = mapped_column(matching_text(64), default="")
     specific_character_set: Mapped[str] = mapped_column(String(64), default="")
     # The whole worklist item as DICOM JSON, exactly one item in its SPS Sequence.
     item: Mapped[dict[str, Any]] = mapped_column(JSON)
