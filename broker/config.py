@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     hl7_max_connections: int = Field(200, ge=1)
     hl7_workers: int = Field(8, ge=1, le=256)
     hl7_processes: int = Field(0, ge=0, le=64)
+    hl7_group_commit: Literal["auto", "on", "off"] = "auto"
     mappings_dir: Path = Path("mappings")
 
     ae_title: str = "BROKER"
@@ -102,6 +103,12 @@ class Settings(BaseSettings):
     def hidden_statuses(self) -> frozenset[str]:
         """SPS statuses a worklist query does not return unless it asks for them."""
         return frozenset(_comma_list(self.mwl_hidden_statuses))
+
+    @field_validator("hl7_group_commit", mode="before")
+    @classmethod
+    def _on_or_off(cls, value: object) -> object:
+        # YAML reads an unquoted on/off as a boolean
+        return ("on" if value else "off") if isinstance(value, bool) else value
 
     @field_validator("database_url")
     @classmethod

@@ -35,7 +35,8 @@ def build_intake(settings: Settings, pool_size: int | None = None) -> Intake:
     mappings = load_mappings(settings.mappings_dir)
     archive = make_engine(settings.database_url, pool_size=pool_size or settings.hl7_workers,
                           flush_with_next_commit=True)
-    return Intake(engine, mappings, settings.uid_root, archive_engine=archive)
+    group_commit = {"on": True, "off": False}.get(settings.hl7_group_commit)  # auto: None, per database
+    return Intake(engine, mappings, settings.uid_root, archive_engine=archive, group_commit=group_commit)
 
 
 async def serve(settings: Settings) -> None:

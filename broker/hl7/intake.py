@@ -8,11 +8,25 @@ The order of operations is what makes "nothing lost" true:
    answered with the original ACK; nothing else changes.
 3. The message is decoded, mapped and applied; the domain changes and the ACK are committed in one
    transaction; only then is the ACK returned to the connection.
-4. A refused message changes nothing (its transaction is rolled back); its error ACK is committed to
-   the archive row in a transaction of its own.
+4. A refused message changes nothing (its changes are rolled back); its error ACK is committed to
+   the archive row.
 
 When the database cannot be reached the handler raises, the MLLP server closes the connection
 without an answer, and the sender (which got no ACK) sends again later.
+
+Group commit (``group_commit=True``): messages that arrive on several connections while a commit is
+under way are handled together. One thread (the leader: whichever handler thread finds no batch
+running) takes every message waiting at that moment and runs steps 1-4 for all of them: one archive
+transaction, then one processing transaction in which each message has its own SAVEPOINT, so a
+refusal or a failed statement rolls back that message's changes only; its error ACK is still
+recorded. One durable commit (one disk flush) covers the batch, and only then are the ACKs released.
+A batch is whatever is waiting when the previous one has committed: nothing waits for a batch to
+fill, so a lone sender is handled at once by its own thread, as without group commit. Each
+connection has at most one message in the intake (the MLLP server awaits each reply before it
+reads on), so the order per connection holds.
+
+Two copies of one MSH-10 are never handled at the same time in one process (with or without group
+commit): the later one waits until the earlier one is answered, and is then answered as a duplicate.
 """
 
 from __future__ import annotations
@@ -21,10 +35,13 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 import structlog
-from sqlalchemy import Connection, Engine, bindparam, insert, select, update
+from sqlalchemy import Connection, Engine, Insert, bindparam, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from broker.domain.services import Cause, WorklistService
@@ -40,16 +57,178 @@ log = structlog.get_logger(__name__)
 MESSAGES = table_of(InboundMessage)
 FRAME_JOINER = b"\x1c"  # separates several replies in inbound_messages.ack; never inside a message
 RETRIES = 3
+MAX_BATCH = 64  # messages per group commit; more waiting ones go into the next batch
+# Whether group commit pays, per database (setting hl7_group_commit: auto).
+GROUP_COMMIT_BY_DEFAULT = {"sqlite": True, "postgresql": False}
 OUTCOME_STATUS = {"AA": "accepted", "AE": "error", "AR": "rejected"}
-_INSERT_MESSAGE = insert(MESSAGES).returning(MESSAGES.c.id)
-_RECORD_OUTCOME = update(MESSAGES).where(MESSAGES.c.id == bindparam("pk"))
+# The outcome is recorded only on a row not answered yet: if a concurrent copy of the same message
+# (another process, or a repeat that found the row unanswered) got there first, its answer stands.
+_RECORD_OUTCOME = update(MESSAGES).where(MESSAGES.c.id == bindparam("pk"), MESSAGES.c.ack.is_(None))
+_ORIGINAL = select(MESSAGES.c.id, MESSAGES.c.ack, MESSAGES.c.ack_code).where(
+    MESSAGES.c.sender == bindparam("sender"), MESSAGES.c.control_id == bindparam("control_id"),
+    MESSAGES.c.duplicate_of_id.is_(None))
+_ANSWER_OF = select(MESSAGES.c.ack, MESSAGES.c.ack_code).where(MESSAGES.c.id == bindparam("pk"))
+_INSERT_DUPLICATE = insert(MESSAGES)
+
+
+def _archive_statement(dialect: str) -> Insert:
+    """INSERT of a new archive row that returns no id, instead of failing, for a repeated MSH-10.
+
+    The conflict target is the partial unique index on (sender, control_id) with the index's own
+    predicate (an error inside a PostgreSQL transaction would abort it, and the archive rows of a
+    batch share one transaction).
+    """
+    index = next(i for i in MESSAGES.indexes if i.name == "uq_inbound_original")
+    make: Any = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    statement = make(MESSAGES).on_conflict_do_nothing(
+        index_elements=[MESSAGES.c.sender, MESSAGES.c.control_id],
+        index_where=index.dialect_options[dialect]["where"])
+    returning: Insert = statement.returning(MESSAGES.c.id)
+    return returning
+
+
+@dataclass(eq=False)
+class _Job:
+    """One message on its way through a batch: what the batch needs, and what it hands back."""
+
+    raw: bytes
+    peer: str
+    header: ack.Header
+    mapping: Mapping
+    charset: Charset | None
+    archived_id: int | None = None  # our own archive row; None = the MSH-10 was stored before
+    # set per attempt of the processing transaction
+    message_id: int | None = None  # the row processed: our own, or an earlier unanswered copy
+    outcome: str = ""  # AA, AE, AR or "duplicate"
+    replies: list[bytes] = field(default_factory=list)
+    error: str = ""
+    failure: BaseException | None = None  # the message was not answered: the handler raises this
+    # group commit hand-over
+    finished: bool = False
+    wake: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def key(self) -> tuple[str, str] | None:
+        """What makes two messages copies of each other (None: never, an empty MSH-10)."""
+        control_id = self.header.control_id[:64]
+        return (self.header.sender[:200], control_id) if control_id else None
+
+    def clear(self) -> None:
+        """Forget the answer of an attempt that was rolled back."""
+        self.outcome, self.replies, self.error = "", [], ""
+
+    def answer(self, outcome: str, replies: list[bytes], error: str = "") -> None:
+        self.outcome, self.replies, self.error = outcome, replies, error
+
+
+@dataclass
+class _Failure:
+    """Why applying a message did not produce AA; its changes are rolled back before it is settled."""
+
+    kind: str  # refused, conflict, answered, internal
+    error: Exception | None = None
+
+
+class _Abort(Exception):
+    """Leaves a transaction of one message so that its changes are rolled back."""
+
+    def __init__(self, failure: _Failure) -> None:
+        super().__init__(failure.kind)
+        self.failure = failure
+
+
+class _Copies:
+    """Copies of one message (sender and MSH-10) are handled one after the other in this process.
+
+    A repeat that arrives while the original is still being handled would find it stored but not
+    answered, and process it a second time; waiting for the original lets it be answered as a
+    duplicate. (Across processes, the outcome is recorded only on an unanswered row: see _record.)
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._handling: dict[tuple[str, str], threading.Event] = {}
+
+    @contextmanager
+    def one_at_a_time(self, key: tuple[str, str] | None) -> Iterator[None]:
+        if key is None:
+            yield
+            return
+        while True:
+            with self._lock:
+                earlier = self._handling.get(key)
+                if earlier is None:
+                    self._handling[key] = threading.Event()
+                    break
+            earlier.wait()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._handling.pop(key).set()
+
+
+class _GroupCommit:
+    """Leader/follower batching: whoever finds no batch running runs the next one.
+
+    A follower waits until its message is done, or until the leader hands the lead to it (its
+    message is still waiting when a batch ends). A leader runs one batch and then hands over, so its
+    own connection is not held up by batches of others.
+    """
+
+    def __init__(self, run_batch: Any) -> None:
+        self._run_batch = run_batch
+        self._lock = threading.Lock()
+        self._waiting: list[_Job] = []
+        self._leading = False
+
+    def submit(self, job: _Job) -> None:
+        with self._lock:
+            self._waiting.append(job)
+            lead = not self._leading
+            self._leading = True
+        if not lead:
+            job.wake.wait()
+            if job.finished:
+                return
+        # This thread leads until its own message is done (past MAX_BATCH others, a later batch).
+        while not job.finished:
+            batch = self._take()
+            try:
+                self._run_batch(batch)
+            except BaseException as exc:  # pragma: no cover - run_batch settles every failure itself
+                for done in batch:
+                    if done.failure is None and not done.outcome:
+                        done.failure = exc
+                raise
+            finally:
+                for done in batch:
+                    done.finished = True
+                    if done is not job:
+                        done.wake.set()
+                if job.finished:
+                    with self._lock:
+                        self._hand_over()
+
+    def _take(self) -> list[_Job]:
+        """The waiting messages, in arrival order."""
+        with self._lock:
+            batch, self._waiting = self._waiting[:MAX_BATCH], self._waiting[MAX_BATCH:]
+            return batch
+
+    def _hand_over(self) -> None:
+        """Called with the lock held: the first waiting message's thread leads next, or nobody."""
+        if self._waiting:
+            self._waiting[0].wake.set()
+        else:
+            self._leading = False
 
 
 class Intake:
     """The :data:`~broker.hl7.mllp.MessageHandler` of the listener: bytes in, reply frames out."""
 
     def __init__(self, engine: Engine, mappings: MappingSet, uid_root: str = "",
-                 archive_engine: Engine | None = None) -> None:
+                 archive_engine: Engine | None = None, *, group_commit: bool | None = None) -> None:
         self.engine = engine
         # Archive rows may be committed without their own flush: see make_engine(flush_with_next_commit).
         self.archive_engine = archive_engine or engine
@@ -59,6 +238,11 @@ class Intake:
         # showed as a 435 ms p99 with four senders. Threads of this process queue on a lock instead.
         self._writer: AbstractContextManager[object] = (
             threading.Lock() if engine.dialect.name == "sqlite" else nullcontext())
+        self._archive = _archive_statement(self.archive_engine.dialect.name)
+        if group_commit is None:
+            group_commit = GROUP_COMMIT_BY_DEFAULT[engine.dialect.name]
+        self._group = _GroupCommit(self._run_batch) if group_commit else None
+        self._copies = _Copies()
 
     @contextmanager
     def _transaction(self, engine: Engine | None = None) -> Iterator[Connection]:
@@ -73,83 +257,198 @@ class Intake:
         """Store, process and answer one message; returns the reply messages to send back."""
         started = time.perf_counter()
         header = ack.Header.from_raw(raw)
-        archived = self._archive(raw, peer, header)
-        if isinstance(archived, list):
+        mapping = self.mappings.for_sender(header.sending_application, header.sending_facility)
+        job = _Job(raw, peer, header, mapping, self._charset(header, mapping.default_character_set))
+        with self._copies.one_at_a_time(job.key):
+            if self._group is None:
+                self._run_batch([job])
+            else:
+                self._group.submit(job)
+        if job.failure is not None:
+            raise job.failure
+        if job.outcome == "duplicate":
             log.info("hl7.duplicate", sender=header.sender, control_id=header.control_id, peer=peer)
-            return archived
-        outcome, replies, error = self._process(raw, header, archived)
-        log.info("hl7.message", message_type=f"{header.message_type}^{header.trigger_event}",
-                 control_id=header.control_id, sender=header.sender, outcome=outcome, peer=peer,
-                 error=error or None, ms=round((time.perf_counter() - started) * 1000, 2))
-        return replies
+        else:
+            log.info("hl7.message", message_type=f"{header.message_type}^{header.trigger_event}",
+                     control_id=header.control_id, sender=header.sender, outcome=job.outcome, peer=peer,
+                     error=job.error or None, ms=round((time.perf_counter() - started) * 1000, 2))
+        return job.replies
+
+    def _run_batch(self, jobs: list[_Job]) -> None:
+        """Steps 1-4 for every message of ``jobs``; each ends answered or with ``failure`` set."""
+        try:
+            self._archive_all(jobs)
+            if len(jobs) == 1:
+                self._process_alone(jobs[0])
+            else:
+                self._process_together(jobs)
+        except Exception as exc:  # the database is unreachable: nobody gets an answer
+            for job in jobs:
+                job.failure = exc
 
     # --- 1 and 2: store, recognise repeats ----------------------------------------------------------
-    def _archive(self, raw: bytes, peer: str, header: ack.Header) -> int | list[bytes]:
-        """The id of the stored message, or the original replies for a repeat.
+    def _archive_all(self, jobs: list[_Job]) -> None:
+        """Store every message of the batch in one transaction that does not wait for its flush.
 
-        The common case is one INSERT: the partial unique index on (sender, control_id) refuses a
-        second original with the same MSH-10, and only then is the original looked up.
+        A repeated MSH-10 conflicts with the partial unique index and stores nothing here
+        (``archived_id`` stays None); it is resolved in the processing transaction.
         """
-        row = {"peer": peer[:100], "sender": header.sender[:200], "control_id": header.control_id[:64],
-               "message_type": f"{header.message_type}^{header.trigger_event}"[:20], "raw": raw,
-               "charset": header.character_set[:32]}
+        now = datetime.now()
+        rows = [{"peer": job.peer[:100], "sender": job.header.sender[:200], "control_id": job.header.control_id[:64],
+                 "message_type": f"{job.header.message_type}^{job.header.trigger_event}"[:20], "raw": job.raw,
+                 "charset": job.header.character_set[:32], "received_at": now, "status": "received"}
+                for job in jobs]
         for attempt in range(RETRIES):
             try:
                 with self._transaction(self.archive_engine) as db:
-                    pk: int = db.execute(_INSERT_MESSAGE, {"received_at": datetime.now(), "status": "received",
-                                                           **row}).scalar_one()
-                    return pk
-            except IntegrityError:
-                with self._transaction() as db:
-                    original = db.execute(select(MESSAGES).where(
-                        MESSAGES.c.sender == row["sender"], MESSAGES.c.control_id == row["control_id"],
-                        MESSAGES.c.duplicate_of_id.is_(None))).first()
-                    if original is None:  # pragma: no cover - the conflicting row was rolled back meanwhile
-                        continue
-                    if original.ack is None:  # stored earlier but never answered: process it now
-                        return int(original.id)
-                    now = datetime.now()
-                    db.execute(insert(MESSAGES).values(
-                        received_at=now, processed_at=now, status="duplicate", ack_code=original.ack_code,
-                        ack=original.ack, duplicate_of_id=original.id, **row))
-                    return list(original.ack.split(FRAME_JOINER)) if original.ack else []
+                    for job, row in zip(jobs, rows, strict=True):
+                        job.archived_id = db.execute(self._archive, row).scalar()
+                return
             except OperationalError as exc:  # busy or restarting database: try again, then give up
                 if attempt == RETRIES - 1:
                     raise
                 log.warning("hl7.archive_retry", error=type(exc).__name__, attempt=attempt + 1)
-        raise OperationalError("archive", {}, Exception("message could not be stored"))
+
+    def _resolve_repeat(self, db: Connection, job: _Job) -> bool:
+        """For a message whose MSH-10 was stored before: True if answered here as a duplicate.
+
+        An earlier copy that was stored but never answered is processed now in its place.
+        """
+        job.clear()
+        job.message_id = job.archived_id
+        if job.archived_id is not None:
+            return False
+        original = db.execute(_ORIGINAL, {"sender": job.header.sender[:200],
+                                          "control_id": job.header.control_id[:64]}).first()
+        if original is None:  # pragma: no cover - only a deleted archive row gets here
+            raise OperationalError("archive", {}, Exception("the original of a repeated message vanished"))
+        if original.ack is None:
+            job.message_id = int(original.id)
+            return False
+        self._answer_as_duplicate(db, job, original.id, original.ack, original.ack_code)
+        return True
+
+    def _answer_as_duplicate(self, db: Connection, job: _Job, original_id: int, original_ack: bytes,
+                             ack_code: str) -> None:
+        now = datetime.now()
+        header = job.header
+        db.execute(_INSERT_DUPLICATE, {
+            "peer": job.peer[:100], "sender": header.sender[:200], "control_id": header.control_id[:64],
+            "message_type": f"{header.message_type}^{header.trigger_event}"[:20], "raw": job.raw,
+            "charset": header.character_set[:32], "received_at": now, "processed_at": now,
+            "status": "duplicate", "ack_code": ack_code, "ack": original_ack, "duplicate_of_id": original_id})
+        job.answer("duplicate", list(original_ack.split(FRAME_JOINER)) if original_ack else [])
+
+    def _answer_as_repeat(self, db: Connection, job: _Job) -> None:
+        """The row was answered meanwhile by a concurrent copy of the message: answer what it answered."""
+        assert job.message_id is not None
+        answered = db.execute(_ANSWER_OF, {"pk": job.message_id}).one()
+        if job.message_id == job.archived_id:  # our own row, processed by a repeat that found it unanswered
+            job.answer("duplicate", list(answered.ack.split(FRAME_JOINER)))
+        else:
+            self._answer_as_duplicate(db, job, job.message_id, answered.ack, answered.ack_code)
 
     # --- 3 and 4: decode, apply, answer --------------------------------------------------------------
-    def _process(self, raw: bytes, header: ack.Header, message_id: int) -> tuple[str, list[bytes], str]:
-        mapping = self.mappings.for_sender(header.sending_application, header.sending_facility)
-        charset = self._charset(header, mapping.default_character_set)
+    def _process_alone(self, job: _Job) -> None:
+        """One message: its transaction is rolled back when refused, and the outcome recorded after."""
         for attempt in range(RETRIES):
             try:
                 with self._transaction() as db:
-                    text = self._apply(db, raw, header, charset, mapping, message_id)
-                    replies = self._encode(ack.acknowledgements(header, "AA", [], text), charset)
-                    self._record(db, message_id, "AA", replies, "", charset)
-                return "AA", replies, ""
-            except MessageError as exc:  # refused: the transaction above was rolled back
-                outcome = "AR" if exc.reject else "AE"
-                problems = exc.problems
-                replies = self._encode(ack.acknowledgements(header, outcome, problems), charset)
-                error = "; ".join(f"{p.code} {p.location}: {p.text}" for p in problems)
-                with self._transaction() as db:
-                    self._record(db, message_id, outcome, replies, error, charset)
-                return outcome, replies, error
+                    if self._resolve_repeat(db, job):
+                        return
+                    failure = self._try_apply(db, job)
+                    if failure is not None:
+                        raise _Abort(failure)
+                return
+            except _Abort as abort:
+                failure = abort.failure
             except (IntegrityError, OperationalError) as exc:
-                # A concurrent sender created the same patient, or the database was busy: try again.
-                if attempt == RETRIES - 1:
-                    return self._internal_error(header, charset, message_id, exc)
-                log.warning("hl7.process_retry", error=type(exc).__name__, attempt=attempt + 1)
-            except Exception as exc:  # a bug must not lose the message or kill the connection
-                log.exception("hl7.internal_error", control_id=header.control_id)
-                return self._internal_error(header, charset, message_id, exc)
-        raise AssertionError("unreachable")
+                failure = _Failure("conflict", exc)
+            if failure.kind == "conflict" and attempt < RETRIES - 1:
+                log.warning("hl7.process_retry", error=type(failure.error).__name__, attempt=attempt + 1)
+                continue
+            with self._transaction() as db:
+                if not self._resolve_repeat(db, job):
+                    self._settle(db, job, failure)
+            return
 
-    def _apply(self, db: Connection, raw: bytes, header: ack.Header, charset: Charset | None,
-               mapping: Mapping, message_id: int) -> str:
+    def _process_together(self, jobs: list[_Job]) -> None:
+        """A batch: one transaction, a savepoint per message, one commit; retried whole if it fails."""
+        for attempt in range(RETRIES):
+            try:
+                with self._transaction() as db:
+                    for job in jobs:
+                        self._process_nested(db, job)
+                return
+            except OperationalError as exc:  # busy or restarting database: the batch again
+                failure = _Failure("internal", exc)
+                if attempt < RETRIES - 1:
+                    log.warning("hl7.process_retry", error=type(exc).__name__, attempt=attempt + 1,
+                                batch=len(jobs))
+        # As for a single message: record an internal error for each; if even that fails, raise.
+        with self._transaction() as db:
+            for job in jobs:
+                if not self._resolve_repeat(db, job):
+                    self._settle(db, job, failure)
+
+    def _process_nested(self, db: Connection, job: _Job) -> None:
+        if self._resolve_repeat(db, job):
+            return
+        for attempt in range(RETRIES):
+            savepoint = db.begin_nested()
+            failure = self._try_apply(db, job)
+            if failure is None:
+                savepoint.commit()
+                return
+            savepoint.rollback()
+            job.clear()
+            if failure.kind == "conflict" and attempt < RETRIES - 1:
+                log.warning("hl7.process_retry", error=type(failure.error).__name__, attempt=attempt + 1)
+                continue
+            self._settle(db, job, failure)
+            return
+
+    def _try_apply(self, db: Connection, job: _Job) -> _Failure | None:
+        """Apply the message and record AA; or say why not (the caller rolls back its changes)."""
+        try:
+            text = self._apply(db, job)
+            replies = self._encode(ack.acknowledgements(job.header, "AA", [], text), job.charset)
+            if not self._record(db, job, "AA", replies, ""):
+                return _Failure("answered")
+            job.answer("AA", replies)
+            return None
+        except MessageError as exc:  # refused
+            return _Failure("refused", exc)
+        except IntegrityError as exc:  # a concurrent sender created the same patient: try again
+            return _Failure("conflict", exc)
+        except OperationalError:  # the database, not the message: the whole transaction is lost
+            raise
+        except Exception as exc:  # a bug must not lose the message or kill the connection
+            log.exception("hl7.internal_error", control_id=job.header.control_id)
+            return _Failure("internal", exc)
+
+    def _settle(self, db: Connection, job: _Job, failure: _Failure) -> None:
+        """Record the error ACK of a message whose changes were rolled back."""
+        if failure.kind == "answered":
+            self._answer_as_repeat(db, job)
+            return
+        if isinstance(failure.error, MessageError):
+            outcome = "AR" if failure.error.reject else "AE"
+            problems = failure.error.problems
+            error = "; ".join(f"{p.code} {p.location}: {p.text}" for p in problems)
+        else:
+            exc = failure.error or Exception("unknown")
+            outcome = "AE"
+            problems = [Problem(APPLICATION_INTERNAL_ERROR, f"internal error ({type(exc).__name__}); message stored")]
+            error = f"207: {type(exc).__name__}: {exc}"
+        replies = self._encode(ack.acknowledgements(job.header, outcome, problems), job.charset)
+        if self._record(db, job, outcome, replies, error):
+            job.answer(outcome, replies, error)
+        else:
+            self._answer_as_repeat(db, job)
+
+    def _apply(self, db: Connection, job: _Job) -> str:
+        header, charset, raw = job.header, job.charset, job.raw
         if charset is None:
             raise MessageError([Problem(DATA_TYPE_ERROR, f"unknown character set {header.character_set!r}",
                                         "MSH", 1, 18)], reject=True)
@@ -160,17 +459,17 @@ class Intake:
                                         f"{exc.start}", "MSH", 1, 18)], reject=True) from exc
         message = parse(text)
         handler = handler_for(message)
-        cause = Cause(f"HL7 {'^'.join(message.message_type)} {message.control_id}", message_id)
-        return handler(Context(message, mapping, charset, self.uid_root, WorklistService(db), cause))
+        cause = Cause(f"HL7 {'^'.join(message.message_type)} {message.control_id}", job.message_id)
+        return handler(Context(message, job.mapping, charset, self.uid_root, WorklistService(db), cause))
 
     @staticmethod
-    def _record(db: Connection, message_id: int, outcome: str, replies: list[bytes], error: str,
-                charset: Charset | None) -> None:
+    def _record(db: Connection, job: _Job, outcome: str, replies: list[bytes], error: str) -> bool:
+        """Store the outcome on the message's row; False if the row was answered already."""
         values = {"status": OUTCOME_STATUS[outcome], "ack_code": outcome, "processed_at": datetime.now(),
                   "ack": FRAME_JOINER.join(replies), "error": error[:4000]}
-        if charset is not None:
-            values["charset"] = charset.hl7_name
-        db.execute(_RECORD_OUTCOME, {"pk": message_id, **values})
+        if job.charset is not None:
+            values["charset"] = job.charset.hl7_name
+        return db.execute(_RECORD_OUTCOME, {"pk": job.message_id, **values}).rowcount == 1
 
     @staticmethod
     def _charset(header: ack.Header, default_name: str) -> Charset | None:
@@ -183,12 +482,3 @@ class Intake:
     def _encode(messages: list[str], charset: Charset | None) -> list[bytes]:
         codec = charset.python_codec if charset else "ascii"
         return [m.encode(codec, errors="replace") for m in messages]
-
-    def _internal_error(self, header: ack.Header, charset: Charset | None, message_id: int,
-                        exc: Exception) -> tuple[str, list[bytes], str]:
-        problem = Problem(APPLICATION_INTERNAL_ERROR, f"internal error ({type(exc).__name__}); message stored")
-        replies = self._encode(ack.acknowledgements(header, "AE", [problem]), charset)
-        error = f"207: {type(exc).__name__}: {exc}"
-        with self._transaction() as db:
-            self._record(db, message_id, "AE", replies, error, charset)
-        return "AE", replies, error

@@ -8,10 +8,12 @@ queue instead.
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -65,7 +67,11 @@ def _configure_sqlite(engine: Engine, synchronous: str, begin: str) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
-        connection.exec_driver_sql(begin)
+        # Straight to the driver: exec_driver_sql costs ~50 us of CPU, twice per HL7 message.
+        try:
+            connection.connection.driver_connection.execute(begin)
+        except sqlite3.OperationalError as exc:  # "database is locked": raised as exec_driver_sql would
+            raise sa_exc.OperationalError(begin, None, exc) from exc
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
