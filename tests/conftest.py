@@ -45,6 +45,15 @@ def _postgres_database() -> Iterator[str]:
         admin.dispose()
 
 
+def module_database(backend: str, tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[str]:
+    """A fresh database of ``backend`` for a module-scoped fixture (several tests share its data); the
+    PostgreSQL one is dropped when the generator is exhausted."""
+    if backend == "sqlite":
+        yield f"sqlite:///{tmp_path_factory.mktemp(name) / 'broker.db'}"
+    else:
+        yield from _postgres_database()
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A fresh, empty database of each backend."""

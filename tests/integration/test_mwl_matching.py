@@ -17,7 +17,7 @@ from io import BytesIO
 from typing import Any
 
 import pytest
-from conftest import _postgres_database, sample  # tests/ is on sys.path (rootdir conftest, no package)
+from conftest import module_database, sample  # tests/ is on sys.path (rootdir conftest, no package)
 from mwl_support import UID_PREFIX, Order, place
 from pydicom import Dataset, Sequence
 from pydicom.filebase import DicomBytesIO
@@ -79,10 +79,7 @@ ORDERS = [
 def worklist(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
              mappings: MappingSet) -> Iterator[Engine]:
     """A migrated database of each backend holding :data:`ORDERS` and the two-step OMI sample."""
-    if request.param == "sqlite":
-        urls: Iterator[str] = iter([f"sqlite:///{tmp_path_factory.mktemp('mwl') / 'broker.db'}"])
-    else:
-        urls = _postgres_database()
+    urls = module_database(request.param, tmp_path_factory, "mwl")
     url = next(urls)
     engine = make_engine(url)
     try:

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import structlog
-from conftest import _postgres_database
+from conftest import module_database
 from mwl_support import UID_PREFIX, Order, send
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -121,10 +121,7 @@ def start_server(engine: Engine, **settings: Any) -> DicomServer:
 def worklist(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
              mappings: MappingSet) -> Iterator[Worklist]:
     """Each database, loaded with :data:`ORDERS` over MLLP, served by the broker's AE."""
-    if request.param == "sqlite":
-        urls: Iterator[str] = iter([f"sqlite:///{tmp_path_factory.mktemp('scp') / 'broker.db'}"])
-    else:
-        urls = _postgres_database()
+    urls = module_database(request.param, tmp_path_factory, "scp")
     url = next(urls)
     engine = make_engine(url)
     reader = make_engine(url, for_reading=True)
