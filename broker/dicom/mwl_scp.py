@@ -11,9 +11,10 @@ from collections.abc import Iterator
 
 import structlog
 from pydicom.dataset import Dataset
-from pynetdicom.events import Event
 from sqlalchemy.exc import SQLAlchemyError
 
+from broker.dicom.association import Request
+from broker.dicom_json import JsonDataset
 from broker.mwl.finder import WorklistFinder
 from broker.mwl.identifier import IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, IdentifierError
 
@@ -26,7 +27,7 @@ OUT_OF_RESOURCES = 0xA700
 # IdentifierError carries (A900 or C000).
 UNABLE_TO_PROCESS = 0xC001
 
-FindResponse = tuple[int | Dataset, Dataset | None]
+FindResponse = tuple[int | Dataset, Dataset | JsonDataset | None]
 
 
 def failure(status: int, comment: str, offending: tuple[int, ...] = ()) -> Dataset:
@@ -40,11 +41,11 @@ def failure(status: int, comment: str, offending: tuple[int, ...] = ()) -> Datas
     return dataset
 
 
-def handle_find(event: Event, finder: WorklistFinder) -> Iterator[FindResponse]:
-    """EVT_C_FIND handler for Modality Worklist Information Model - FIND."""
-    calling_ae_title = str(event.assoc.requestor.ae_title).strip()
+def handle_find(request: Request, finder: WorklistFinder) -> Iterator[FindResponse]:
+    """C-FIND handler for Modality Worklist Information Model - FIND."""
+    calling_ae_title = request.peer.calling_ae_title
     try:
-        identifier = event.identifier
+        identifier = request.data_set()
     except Exception as exc:  # undecodable bytes in the request
         log.warning("mwl.bad_identifier", calling_ae=calling_ae_title, error=str(exc))
         yield failure(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, "identifier cannot be decoded"), None
@@ -54,8 +55,8 @@ def handle_find(event: Event, finder: WorklistFinder) -> Iterator[FindResponse]:
     try:
         result = finder.find(identifier, calling_ae_title)
         pending = result.pending_status
-        for response in result.responses:
-            if event.is_cancelled:
+        for response in result.json_responses:
+            if request.is_cancelled:
                 log.info("mwl.cancelled", calling_ae=calling_ae_title, returned=count)
                 yield CANCEL, None
                 return

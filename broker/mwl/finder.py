@@ -27,9 +27,10 @@ import structlog
 from pydicom.dataset import Dataset
 from sqlalchemy import ColumnElement, Engine
 
+from broker.dicom_json import JsonDataset
 from broker.mwl.identifier import WorklistQuery, parse_identifier
 from broker.mwl.matching import PageKey, WorklistOptions, match_conditions, may_have_undated, page_select
-from broker.mwl.responses import build_response
+from broker.mwl.responses import dataset_from_json, response_json
 
 __all__ = ["PENDING", "PENDING_UNSUPPORTED_KEYS", "FindResult", "WorklistFinder"]
 
@@ -41,10 +42,19 @@ PENDING_UNSUPPORTED_KEYS = 0xFF01
 
 @dataclass(frozen=True)
 class FindResult:
-    """The outcome of a valid query: the pending status to use and the responses, read lazily."""
+    """The outcome of a valid query: the pending status to use and the responses, read lazily.
+
+    ``json_responses`` is the stream itself (DICOM JSON, which the DICOM edge encodes directly);
+    :attr:`responses` is the same stream as pydicom datasets. Either can be read, once.
+    """
 
     query: WorklistQuery
-    responses: Iterator[Dataset]
+    json_responses: Iterator[JsonDataset]
+
+    @property
+    def responses(self) -> Iterator[Dataset]:
+        """The responses as pydicom datasets."""
+        return map(dataset_from_json, self.json_responses)
 
     @property
     def unsupported_keys(self) -> tuple[str, ...]:
@@ -84,7 +94,7 @@ class WorklistFinder:
         return FindResult(query, self._responses(query, where, calling_ae_title))
 
     def _responses(self, query: WorklistQuery, where: list[ColumnElement[bool]],
-                   calling_ae_title: str) -> Iterator[Dataset]:
+                   calling_ae_title: str) -> Iterator[JsonDataset]:
         started = time.perf_counter()
         count = pages = 0
         size = self.options.page_size
@@ -98,7 +108,7 @@ class WorklistFinder:
                 pages += 1
                 for row in rows:
                     count += 1
-                    yield build_response(row.item, query)
+                    yield response_json(row.item, query)
                 if len(rows) < size:
                     break
                 last = rows[-1]

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator
 from functools import cache, lru_cache
 from typing import Any
 
+import orjson
 from pydicom import config
 from pydicom.charset import python_encoding
 from pydicom.dataelem import DataElement, empty_value_for_VR
@@ -27,7 +28,8 @@ from pydicom.sequence import Sequence
 from broker.dicom_json import JsonDataset, JsonElement, element, tag_of, value
 from broker.mwl.identifier import SPS_SEQUENCE, ReturnKey, WorklistQuery
 
-__all__ = ["UTF_8_TERM", "build_response", "dataset_from_json", "response_character_set", "select_attributes"]
+__all__ = ["UTF_8_TERM", "build_response", "dataset_from_json", "response_character_set", "response_json",
+           "select_attributes"]
 
 UTF_8_TERM = "ISO_IR 192"
 _SPECIFIC_CHARACTER_SET = tag_of("SpecificCharacterSet")
@@ -42,14 +44,22 @@ _DIRECT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "FD", "FL", "IS", "
 
 def build_response(item: JsonDataset, query: WorklistQuery) -> Dataset:
     """The response dataset for one matching item."""
+    return dataset_from_json(response_json(item, query))
+
+
+def response_json(item: JsonDataset, query: WorklistQuery) -> JsonDataset:
+    """The response for one matching item as DICOM JSON (elements shared with ``item``, not copied)."""
     selected = select_attributes(item, query.return_keys)
     stored_set = value(item, "SpecificCharacterSet")
-    character_set = response_character_set(stored_set, _texts(selected))
+    if _fits_at_once(stored_set, selected):
+        character_set = stored_set
+    else:
+        character_set = response_character_set(stored_set, _texts(selected))
     if character_set == stored_set and _SPECIFIC_CHARACTER_SET in item:
         selected[_SPECIFIC_CHARACTER_SET] = item[_SPECIFIC_CHARACTER_SET]
     elif character_set:
         selected[_SPECIFIC_CHARACTER_SET] = element("SpecificCharacterSet", character_set)
-    return dataset_from_json(selected)
+    return selected
 
 
 def dataset_from_json(source: JsonDataset) -> Dataset:
@@ -130,6 +140,25 @@ def _texts(dataset: JsonDataset) -> Iterator[str]:
                     yield from (str(group) for group in name.values() if group)
         elif vr in _TEXT_VRS:
             yield from (v for v in values if isinstance(v, str))
+
+
+def _fits_at_once(stored: str, selected: JsonDataset) -> bool:
+    """True when ``stored`` (at most one non-default term) can encode every text of ``selected``,
+    checked on the JSON text of ``selected`` in one C call instead of value by value: everything in
+    it but the text values is ASCII, which every such character set holds. False means "look closer"."""
+    encoders = _encoders(stored)
+    if encoders is None or len(encoders) > 1:
+        return False
+    text = orjson.dumps(selected)
+    if text.isascii():
+        return True
+    if not encoders:
+        return False
+    try:
+        text.decode("utf-8").encode(encoders[0])
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def response_character_set(stored: str, texts: Iterable[str]) -> str:
