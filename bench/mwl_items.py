@@ -710,7 +710,7 @@ def _copy_chunk(conn: Any, tables: dict[str, Any], per_table: dict[str, list[dic
         for name, rows in per_table.items():
             if not rows:
                 continue
-            columns = [c.name for c in tables[name].columns]
+            columns = [c.name for c in tables[name].columns if c.name in rows[0]]  # others: their defaults
             json_columns = {c.name for c in tables[name].columns if c.type.__class__.__name__ == "JSON"}
             with cursor.copy(f"COPY {name} ({', '.join(columns)}) FROM STDIN") as copy:
                 for row in rows:

@@ -1,4 +1,5 @@
-"""The ``broker`` command: run the broker, migrate its database, test a mapping."""
+"""The ``broker`` command: run the broker, migrate its database, test a mapping, look at events and
+procedures."""
 
 from __future__ import annotations
 
@@ -26,6 +27,14 @@ def _parser() -> argparse.ArgumentParser:
                                                     "without storing anything")
     test.add_argument("file", type=Path, help="an HL7 message file (segments separated by CR or LF)")
     test.add_argument("--json", action="store_true", help="print DICOM JSON instead of a dump")
+    events = commands.add_parser("events", help="the outbox: side effects after commit")
+    events_commands = events.add_subparsers(dest="events_command", required=True)
+    events_commands.add_parser("failed", help="list the events that failed after every attempt")
+    retry = events_commands.add_parser("retry", help="try a failed event again (attempts reset)")
+    retry.add_argument("id", help="the event's id (first column of 'broker events failed') or event id")
+    procedure = commands.add_parser("procedure", help="a procedure's state and timeline")
+    procedure.add_argument("accession", help="the Accession Number")
+    procedure.add_argument("--json", action="store_true", help="print JSON")
     config = commands.add_parser("config", help="settings").add_subparsers(dest="config_command", required=True)
     config.add_parser("show", help="print the effective settings")
     return parser
@@ -62,6 +71,27 @@ def main(argv: list[str] | None = None) -> int:
             from broker.mapping.preview import preview
 
             print(preview(args.file.read_bytes(), settings, as_json=args.json))
+        elif args.command == "events":
+            from broker.cli_reports import failed_events, retry_event
+            from broker.store.session import make_engine
+
+            engine = make_engine(settings.database_url, pool_size=1)
+            if args.events_command == "failed":
+                print(failed_events(engine))
+            elif not retry_event(engine, args.id):
+                print(f"broker: no failed event {args.id}", file=sys.stderr)
+                return 1
+            else:
+                print(f"event {args.id} is pending again")
+        elif args.command == "procedure":
+            from broker.cli_reports import procedure_report
+            from broker.store.session import make_engine
+
+            report = procedure_report(make_engine(settings.database_url, pool_size=1), args.accession, args.json)
+            if report is None:
+                print(f"broker: no procedure with accession number {args.accession}", file=sys.stderr)
+                return 1
+            print(report)
         elif args.command == "config":
             print(json.dumps(settings.model_dump(mode="json"), indent=2))
     except (SettingsError, StartupError, MappingError) as exc:

@@ -8,11 +8,12 @@ A bad value stops start-up with one line naming the setting (see :func:`load_set
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 DEFAULT_CONFIG_PATH = Path("config/broker.yaml")
@@ -20,6 +21,20 @@ DEFAULT_CONFIG_PATH = Path("config/broker.yaml")
 
 class SettingsError(Exception):
     """A setting is missing or invalid; the message is one line meant for the operator."""
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A DICOM node the broker may connect to (``BROKER_DICOM_PEERS``)."""
+
+    ae_title: str
+    host: str
+    port: int
+
+
+# Procedure states that may be reported to the RIS, and the ORC-5 order status (HL7 table 0038) sent.
+RIS_ORDER_STATUS = {"ARRIVED": "SC", "STARTED": "IP", "COMPLETED": "CM", "DISCONTINUED": "DC",
+                    "IMAGES AVAILABLE": "CM", "ARCHIVED": "CM"}
 
 
 class Settings(BaseSettings):
@@ -55,6 +70,22 @@ class Settings(BaseSettings):
     mwl_pn_case_insensitive: bool = True
     mwl_page_size: int = Field(500, ge=1, le=100_000)
     uid_root: str = ""
+
+    # --- procedure status pipeline (issue 4) ---
+    dicom_peers: str = ""
+    stgcmt_archive_ae: str = ""
+    stgcmt_timeout: float = Field(3600, gt=0)
+    stgcmt_report_wait: float = Field(5, ge=0)
+    mpps_forward_aes: str = ""
+    ris_hl7_address: str = ""
+    ris_status_message_type: Literal["ORM^O01", "OMI^O23", "ORU^R01"] = "ORM^O01"
+    ris_status_transitions: str = "STARTED,COMPLETED,DISCONTINUED"
+    ris_hl7_ack_timeout: float = Field(10, gt=0)
+    event_max_attempts: int = Field(10, ge=1)
+    event_backoff_base: float = Field(1, gt=0)
+    event_backoff_max: float = Field(300, gt=0)
+    event_lease_seconds: float = Field(60, gt=0)
+    event_poll_interval: float = Field(0.5, gt=0)
 
     http_port: int = Field(8080, ge=1, le=65535)
 
@@ -93,6 +124,63 @@ class Settings(BaseSettings):
         if unknown:
             raise ValueError(f"unknown SPS status {unknown[0]!r}; known: {', '.join(sorted(known))}")
         return value
+
+    @field_validator("dicom_peers")
+    @classmethod
+    def _valid_peers(cls, value: str) -> str:
+        parse_peers(value)
+        return value
+
+    @field_validator("stgcmt_archive_ae")
+    @classmethod
+    def _archive_is_a_peer(cls, value: str, info: ValidationInfo) -> str:
+        if value and value.strip() not in parse_peers(info.data.get("dicom_peers", "")):
+            raise ValueError(f"{value!r} is not one of BROKER_DICOM_PEERS")
+        return value.strip()
+
+    @field_validator("mpps_forward_aes")
+    @classmethod
+    def _forward_targets_are_peers(cls, value: str, info: ValidationInfo) -> str:
+        peers = parse_peers(info.data.get("dicom_peers", ""))
+        unknown = [ae for ae in _comma_list(value) if ae not in peers]
+        if unknown:
+            raise ValueError(f"{unknown[0]!r} is not one of BROKER_DICOM_PEERS")
+        return value
+
+    @field_validator("ris_hl7_address")
+    @classmethod
+    def _valid_ris_address(cls, value: str) -> str:
+        if value.strip():
+            _host_port(value.strip(), "the RIS address is host:port")
+        return value.strip()
+
+    @field_validator("ris_status_transitions")
+    @classmethod
+    def _valid_ris_transitions(cls, value: str) -> str:
+        unknown = [s for s in _comma_list(value) if s not in RIS_ORDER_STATUS]
+        if unknown:
+            raise ValueError(f"{unknown[0]!r} cannot be reported; one of: {', '.join(RIS_ORDER_STATUS)}")
+        return value
+
+    @property
+    def peers(self) -> dict[str, Peer]:
+        """``dicom_peers`` by AE title."""
+        return parse_peers(self.dicom_peers)
+
+    @property
+    def mpps_forward_targets(self) -> list[str]:
+        """AE titles of the peers every MPPS N-CREATE/N-SET is forwarded to."""
+        return _comma_list(self.mpps_forward_aes)
+
+    @property
+    def ris_address(self) -> tuple[str, int] | None:
+        """(host, port) of the RIS's HL7 listener, or None when no status goes to the RIS."""
+        return _host_port(self.ris_hl7_address, "the RIS address is host:port") if self.ris_hl7_address else None
+
+    @property
+    def ris_transitions(self) -> frozenset[str]:
+        """Procedure states whose reaching is reported to the RIS."""
+        return frozenset(_comma_list(self.ris_status_transitions))
 
     @property
     def allowed_callers(self) -> list[tuple[str, str]]:
@@ -137,6 +225,28 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Order is priority: explicit arguments, then the environment, then the YAML file.
         return (init_settings, env_settings, _YamlSource(settings_cls))
+
+
+def _host_port(value: str, problem: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{value!r}: {problem}")
+    return host, int(port)
+
+
+def parse_peers(value: str) -> dict[str, Peer]:
+    """``AE@host:port,...`` as a mapping by AE title; a bad entry raises :class:`ValueError` naming it."""
+    peers: dict[str, Peer] = {}
+    for entry in _comma_list(value):
+        title, at, address = entry.partition("@")
+        problem = "each peer is AE@host:port (AE of 1 to 16 characters)"
+        if not at or not title or len(title) > 16 or "\\" in title:
+            raise ValueError(f"{entry!r}: {problem}")
+        host, port = _host_port(address, problem)
+        if title in peers:
+            raise ValueError(f"{entry!r}: AE title {title} is listed twice")
+        peers[title] = Peer(title, host, port)
+    return peers
 
 
 def _comma_list(value: str) -> list[str]:

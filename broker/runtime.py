@@ -1,4 +1,5 @@
-"""Starts and stops the broker's listeners together: the HL7 MLLP listener and the DICOM AE.
+"""Starts and stops the broker's listeners together: the HL7 MLLP listener, the DICOM AE and the
+event path (outbox relay, and with no Redis the in-process worker).
 
 The runtime refuses to start on a database that is not at the newest migration: running new code
 on an old schema could store items that a later migration cannot read.
@@ -13,6 +14,7 @@ import structlog
 
 from broker.config import Settings
 from broker.dicom.server import DicomServer
+from broker.events.wiring import EventPath
 from broker.hl7.intake import Intake
 from broker.hl7.mllp import MessageHandler, MLLPServer
 from broker.hl7.process_pool import IntakeProcessPool
@@ -55,11 +57,15 @@ async def serve(settings: Settings) -> None:
                         idle_timeout=settings.hl7_idle_timeout,
                         max_connections=settings.hl7_max_connections, workers=settings.hl7_workers)
     await server.start()
-    dicom = DicomServer(settings, make_engine(settings.database_url, pool_size=10, for_reading=True))
+    # The relay and workers; events.workflow holds the MPPS / IAN / commitment services for the DICOM edge.
+    events = EventPath.start(settings, make_engine(settings.database_url, pool_size=10))
+    dicom = DicomServer(settings, make_engine(settings.database_url, pool_size=10, for_reading=True),
+                        workflow=events.workflow)
     try:
         dicom.start()
     except OSError as exc:
         await server.stop()
+        await asyncio.to_thread(events.stop)
         raise StartupError(f"cannot listen on DICOM port {settings.dicom_port}: {exc.strerror}") from exc
     log.info("broker.started", hl7_port=server.port, dicom_port=dicom.port, hl7_processes=settings.hl7_processes,
              ae_title=settings.ae_title,
@@ -72,6 +78,7 @@ async def serve(settings: Settings) -> None:
     log.info("broker.stopping")
     await asyncio.to_thread(dicom.stop)
     await server.stop()
+    await asyncio.to_thread(events.stop)
     if pool is not None:
         await asyncio.to_thread(pool.shutdown)
     log.info("broker.stopped")

@@ -1,8 +1,9 @@
 """The Celery application: Redis (``BROKER_REDIS_URL``) as message broker.
 
 Delivery settings are chosen for "no event lost": tasks are acknowledged late (after they ran), a
-task whose worker died is redelivered, and a worker takes one task at a time. The tasks of the
-procedure status pipeline are registered in ``workers.tasks`` as they are built.
+task whose worker died is redelivered, and a worker takes one task at a time. The one task,
+``workers.tasks.run_event``, is idempotent by event id (broker.events.runner), so a redelivery is
+harmless.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from celery import Celery
 
 from broker.config import Settings
 
+RUN_EVENT = "workers.tasks.run_event"
 
-def make_celery(settings: Settings) -> Celery:
-    """A Celery app on the configured Redis; ``memory://`` when the embedded queue is configured."""
-    app = Celery("broker", broker=settings.redis_url or "memory://", include=[])
+
+def make_celery_for(redis_url: str) -> Celery:
+    """A Celery app on ``redis_url`` (``memory://`` when empty) with the broker's tasks registered."""
+    app = Celery("broker", broker=redis_url or "memory://", include=["workers.tasks"])
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -22,8 +25,19 @@ def make_celery(settings: Settings) -> Celery:
         task_serializer="json",
         accept_content=["json"],
         result_backend=None,
+        task_ignore_result=True,
         broker_connection_retry_on_startup=True,
+        # the relay publishes with retry=False and tries again at its next poll: fail fast when Redis is down
+        broker_connection_timeout=2,
         broker_transport_options={"visibility_timeout": 3600},
         worker_hijack_root_logger=False,
     )
+    from workers.tasks import register
+
+    register(app)
     return app
+
+
+def make_celery(settings: Settings) -> Celery:
+    """A Celery app on the configured Redis; ``memory://`` when the embedded queue is configured."""
+    return make_celery_for(settings.redis_url)

@@ -1,7 +1,11 @@
 """The broker's DICOM application entity: which services it offers and how associations are admitted.
 
-Services (SCP): Verification and Modality Worklist Information Model - FIND, in Explicit and Implicit
-VR Little Endian. Associations beyond ``dicom_max_associations`` get A-ASSOCIATE-RJ (rejected-transient,
+Services (SCP), in Explicit and Implicit VR Little Endian: Verification, Modality Worklist Information
+Model - FIND and, given the workflow services, Modality Performed Procedure Step (N-CREATE, N-SET),
+Instance Availability Notification (N-CREATE) and Storage Commitment Push Model results
+(N-EVENT-REPORT on associations the archive opens, where it takes the SCP role).
+
+Associations beyond ``dicom_max_associations`` get A-ASSOCIATE-RJ (rejected-transient,
 service-provider presentation, local limit exceeded); callers outside ``dicom_allowed_callers`` get
 A-ASSOCIATE-RJ (rejected-permanent, service-user, calling AE title not recognized). Both are logged.
 Each association runs in a thread of its own (:mod:`broker.dicom.association`).
@@ -17,11 +21,17 @@ from importlib.metadata import version
 
 import structlog
 from pydicom.uid import PYDICOM_ROOT_UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
-from pynetdicom.sop_class import ModalityWorklistInformationFind, Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    InstanceAvailabilityNotification,
+    ModalityPerformedProcedureStep,
+    ModalityWorklistInformationFind,
+    StorageCommitmentPushModel,
+    Verification,
+)
 from sqlalchemy import Engine
 
 from broker.config import Settings
-from broker.dicom import dimse, pdu
+from broker.dicom import dimse, ian_scp, mpps_scp, pdu, stgcmt_scp
 from broker.dicom.access import CallerPolicy
 from broker.dicom.association import (
     REJECT_CALLING_AE_NOT_RECOGNIZED,
@@ -36,6 +46,7 @@ from broker.dicom.mwl_scp import handle_find
 from broker.dicom.transport import tune_accepted
 from broker.mwl.finder import WorklistFinder
 from broker.mwl.matching import WorklistOptions
+from broker.workflow.build import Workflow
 
 log = structlog.get_logger(__name__)
 
@@ -59,8 +70,11 @@ def worklist_options(settings: Settings) -> WorklistOptions:
 class DicomServer:
     """The running DICOM listener; :meth:`start` returns once it accepts connections."""
 
-    def __init__(self, settings: Settings, engine: Engine) -> None:
+    def __init__(self, settings: Settings, engine: Engine, workflow: Workflow | None = None) -> None:
+        """``engine`` serves the worklist (a reading engine); ``workflow`` (its own read-write engine)
+        the MPPS, IAN and commitment services, which are offered only when it is given."""
         self.settings = settings
+        self.workflow = workflow
         self.ae_title = settings.ae_title
         self.maximum_length = settings.dicom_max_pdu
         self.implementation_class_uid = IMPLEMENTATION_CLASS_UID
@@ -85,6 +99,18 @@ class DicomServer:
         services = ServiceSet()
         services.bind(Verification, dimse.C_ECHO_RQ, _on_echo, TRANSFER_SYNTAXES)
         services.bind(ModalityWorklistInformationFind, dimse.C_FIND_RQ, self._on_find, TRANSFER_SYNTAXES)
+        workflow = self.workflow
+        if workflow is not None:
+            services.bind(ModalityPerformedProcedureStep, dimse.N_CREATE_RQ,
+                          lambda request: mpps_scp.handle_n_create(request, workflow.mpps), TRANSFER_SYNTAXES)
+            services.bind(ModalityPerformedProcedureStep, dimse.N_SET_RQ,
+                          lambda request: mpps_scp.handle_n_set(request, workflow.mpps), TRANSFER_SYNTAXES)
+            services.bind(InstanceAvailabilityNotification, dimse.N_CREATE_RQ,
+                          lambda request: ian_scp.handle_n_create(request, workflow.ian), TRANSFER_SYNTAXES)
+            # The archive reports commitment results as the SCP of the class (role selection).
+            services.bind(StorageCommitmentPushModel, dimse.N_EVENT_REPORT_RQ,
+                          lambda request: stgcmt_scp.handle_n_event_report(request, workflow.commitment),
+                          TRANSFER_SYNTAXES, requestor_roles=(True, True))
         return services
 
     @property

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from sqlalchemy import Connection, Row, Select, Table, and_, bindparam, delete, insert, literal, or_, select, update
@@ -25,6 +25,9 @@ from broker.domain import worklist_item
 from broker.domain.records import OrderRecord, PatientKey, PatientRecord, ProcedureRecord
 from broker.domain.states import FINAL, NOT_STARTED, OPEN, StepStatus
 from broker.store.tables import Order, Patient, RequestedProcedure, ScheduledStep, StepTransition, table_of
+
+if TYPE_CHECKING:
+    from broker.procedure.tracker import ProcedureTracker
 
 log = structlog.get_logger(__name__)
 
@@ -119,6 +122,10 @@ class Cause:
 
     text: str
     inbound_message_id: int | None = None
+    # Where the cause came from (hl7, mpps, ian, stgcmt) and which event: HL7 control ID, MPPS or IAN
+    # SOP Instance UID, commitment Transaction UID. Procedure transitions store both.
+    event_kind: str = "hl7"
+    event_ref: str = ""
 
 
 @dataclass
@@ -133,9 +140,16 @@ class StoredPatient:
 class WorklistService:
     """Patients, orders and scheduled steps: the commands of spec section 1."""
 
-    def __init__(self, connection: Connection, clock: Callable[[], datetime] = datetime.now) -> None:
+    def __init__(self, connection: Connection, clock: Callable[[], datetime] = datetime.now,
+                 procedures: ProcedureTracker | None = None) -> None:
         self.db = connection
         self.clock = clock
+        if procedures is None:
+            from broker.procedure.tracker import ProcedureTracker  # imports this module
+
+            procedures = ProcedureTracker(clock=clock)
+        # Every step status change also moves the step's procedure (broker.procedure.states).
+        self.procedures = procedures
         # one round trip instead of one per row (each costs ~0.4 ms of wall time on PostgreSQL)
         self._one_statement_orders = connection.dialect.name == "postgresql"
 
@@ -385,7 +399,7 @@ class WorklistService:
     def _procedure_row(record: ProcedureRecord, now: datetime) -> dict[str, Any]:
         return {"requested_procedure_id": record.requested_procedure_id,
                 "accession_number": record.accession_number, "study_instance_uid": record.study_instance_uid,
-                "description": record.description, "created_at": now, "updated_at": now}
+                "description": record.description, "state": "SCHEDULED", "created_at": now, "updated_at": now}
 
     def _add_procedure(self, order_pk: int, record: ProcedureRecord, now: datetime) -> int:
         pk: int = self.db.execute(_INSERT_PROCEDURE, {"order_fk": order_pk, **self._procedure_row(record, now)}
@@ -410,12 +424,22 @@ class WorklistService:
         return {"patient_fk": patient.pk, "item": item, "created_at": now, "updated_at": now,
                 **worklist_item.index_columns(item)}
 
+    def set_step_status(self, step_pk: int, status: StepStatus, cause: Cause) -> bool:
+        """Set one step's status (MPPS): recorded as a step transition and followed by its procedure.
+        Returns False when the step does not exist or has that status already."""
+        step = self.db.execute(select(STEPS).where(STEPS.c.id == step_pk)).first()
+        if step is None or step.sps_status == status:
+            return False
+        self._set_status(step, status, cause)
+        return True
+
     def _set_status(self, step: Row[Any], status: StepStatus, cause: Cause) -> None:
         now = self.clock()
         item = dict(step.item)
         worklist_item.set_status(item, status)
         self._write_item(step.id, item, now)
         self._record_transition(step.id, step.sps_status, status, cause, now)
+        self.procedures.follow_step(self.db, step.procedure_fk, status, cause)
 
     def _record_transition(self, step_pk: int, from_status: str, to_status: str, cause: Cause,
                            now: datetime) -> None:

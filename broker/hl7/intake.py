@@ -459,7 +459,8 @@ class Intake:
                                         f"{exc.start}", "MSH", 1, 18)], reject=True) from exc
         message = parse(text)
         handler = handler_for(message)
-        cause = Cause(f"HL7 {'^'.join(message.message_type)} {message.control_id}", job.message_id)
+        cause = Cause(f"HL7 {'^'.join(message.message_type)} {message.control_id}", job.message_id,
+                      event_kind="hl7", event_ref=message.control_id)
         return handler(Context(message, job.mapping, charset, self.uid_root, WorklistService(db), cause))
 
     @staticmethod

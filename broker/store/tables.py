@@ -13,6 +13,8 @@ from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
+    Boolean,
+    CheckConstraint,
     DateTime,
     ForeignKey,
     Index,
@@ -98,6 +100,8 @@ class RequestedProcedure(Base):
     accession_number: Mapped[str] = mapped_column(String(16), default="", index=True)
     study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
     description: Mapped[str] = mapped_column(String(64), default="")
+    # The procedure state (broker.procedure.states.ProcedureState); every change is in procedure_transitions.
+    state: Mapped[str] = mapped_column(String(20), default="SCHEDULED", server_default="SCHEDULED")
     created_at: Mapped[datetime] = mapped_column(DateTime)
     updated_at: Mapped[datetime] = mapped_column(DateTime)
 
@@ -213,6 +217,159 @@ class InboundMessage(Base):
     ack: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     error: Mapped[str] = mapped_column(Text, default="")
     duplicate_of_id: Mapped[int | None] = mapped_column(ForeignKey("inbound_messages.id"), nullable=True)
+
+
+class ProcedureTransition(Base):
+    """Every state change of a requested procedure, with its time and the event that caused it.
+
+    ``event_kind`` names where the cause came from (hl7, mpps, ian, stgcmt) and ``event_ref`` which one
+    (the HL7 control ID, the MPPS or IAN SOP Instance UID, the commitment Transaction UID), so that a
+    department can read a procedure's timeline and find the message behind every line.
+    """
+
+    __tablename__ = "procedure_transitions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    procedure_fk: Mapped[int] = mapped_column(ForeignKey("requested_procedures.id", ondelete="CASCADE"), index=True)
+    at: Mapped[datetime] = mapped_column(DateTime)
+    from_state: Mapped[str] = mapped_column(String(20), default="")
+    to_state: Mapped[str] = mapped_column(String(20))
+    cause: Mapped[str] = mapped_column(String(200))
+    event_kind: Mapped[str] = mapped_column(String(16), default="")
+    event_ref: Mapped[str] = mapped_column(String(64), default="")
+    inbound_message_fk: Mapped[int | None] = mapped_column(ForeignKey("inbound_messages.id"), nullable=True)
+
+
+class MppsInstance(Base):
+    """A Modality Performed Procedure Step SOP instance (PS3.4 F.7) as the modality last set it.
+
+    ``dataset`` is the current attribute set as DICOM JSON: N-CREATE's attributes with every N-SET
+    applied. ``step_fk`` is the scheduled step it was linked to through the Scheduled Step Attribute
+    Sequence; NULL (with ``unscheduled``) when nothing matched, kept for reconciliation.
+    """
+
+    __tablename__ = "mpps_instances"
+    __table_args__ = (
+        CheckConstraint("status IN ('IN PROGRESS', 'COMPLETED', 'DISCONTINUED')", name="ck_mpps_status"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    status: Mapped[str] = mapped_column(String(16))
+    step_fk: Mapped[int | None] = mapped_column(ForeignKey("scheduled_steps.id", ondelete="SET NULL"),
+                                                nullable=True, index=True)
+    procedure_fk: Mapped[int | None] = mapped_column(ForeignKey("requested_procedures.id", ondelete="SET NULL"),
+                                                     nullable=True, index=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), default="", index=True)
+    calling_ae: Mapped[str] = mapped_column(String(16), default="")
+    dataset: Mapped[dict[str, Any]] = mapped_column(JSON)
+    unscheduled: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    updated_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class InstanceAvailability(Base):
+    """One referenced SOP instance: what an MPPS reported and an IAN said about its availability.
+
+    ``availability`` is '' until an IAN names it (ONLINE, NEARLINE, OFFLINE, UNAVAILABLE).
+    """
+
+    __tablename__ = "instance_availability"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64), default="")
+    series_instance_uid: Mapped[str] = mapped_column(String(64), default="")
+    study_instance_uid: Mapped[str] = mapped_column(String(64), default="", index=True)
+    availability: Mapped[str] = mapped_column(String(16), default="")
+    retrieve_ae_title: Mapped[str] = mapped_column(String(64), default="")
+    mpps_uid: Mapped[str] = mapped_column(String(64), default="", index=True)
+    procedure_fk: Mapped[int | None] = mapped_column(ForeignKey("requested_procedures.id", ondelete="SET NULL"),
+                                                     nullable=True, index=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class IanNotification(Base):
+    """A received Instance Availability Notification (PS3.4 R), kept whole as DICOM JSON."""
+
+    __tablename__ = "ian_notifications"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), default="", index=True)
+    procedure_fk: Mapped[int | None] = mapped_column(ForeignKey("requested_procedures.id", ondelete="SET NULL"),
+                                                     nullable=True, index=True)
+    dataset: Mapped[dict[str, Any]] = mapped_column(JSON)
+    calling_ae: Mapped[str] = mapped_column(String(16), default="")
+    received_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class CommitmentRequest(Base):
+    """A Storage Commitment Push request (PS3.4 J) toward the archive, and how it was answered.
+
+    ``status``: PENDING (asked, no answer yet), COMMITTED (every instance), FAILED (some instance
+    failed, or no answer within ``stgcmt_timeout``: ``reason`` says which).
+    """
+
+    __tablename__ = "commitment_requests"
+    __table_args__ = (
+        CheckConstraint("status IN ('PENDING', 'COMMITTED', 'FAILED')", name="ck_commitment_status"),
+        Index("ix_commitment_status_requested", "status", "requested_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    transaction_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    procedure_fk: Mapped[int] = mapped_column(ForeignKey("requested_procedures.id", ondelete="CASCADE"), index=True)
+    archive_ae: Mapped[str] = mapped_column(String(16), default="")
+    status: Mapped[str] = mapped_column(String(16), default="PENDING")
+    reason: Mapped[str] = mapped_column(String(200), default="")
+    requested_at: Mapped[datetime] = mapped_column(DateTime)
+    answered_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class CommitmentItem(Base):
+    """One SOP instance of a commitment request; ``committed`` NULL until the archive answered for it."""
+
+    __tablename__ = "commitment_items"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    request_fk: Mapped[int] = mapped_column(ForeignKey("commitment_requests.id", ondelete="CASCADE"), index=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    committed: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    failure_reason: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+
+class OutboxEvent(Base):
+    """A side effect to perform after the commit that decided it (transactional outbox).
+
+    Written in the same transaction as the state change; the relay publishes due rows to the task
+    queue and ``run_event`` performs them at least once, idempotently by ``event_id``. Rows with the
+    same ``ordering_key`` are performed in ``id`` order (HL7 status messages per order, MPPS forwards per
+    target and instance). ``status``: pending, running (claimed until ``lease_until``), done, failed
+    (after ``event_max_attempts``; ``broker events retry`` puts it back). A pending row's
+    ``lease_until`` is when the relay may publish it again.
+    """
+
+    __tablename__ = "outbox"
+    __table_args__ = (
+        CheckConstraint("status IN ('pending', 'running', 'done', 'failed')", name="ck_outbox_status"),
+        Index("ix_outbox_due", "status", "next_attempt_at"),
+        Index("ix_outbox_ordering", "ordering_key", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    event_id: Mapped[str] = mapped_column(String(36), unique=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    ordering_key: Mapped[str] = mapped_column(String(200), default="")
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime)
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    done_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
 
 
 def table_of(model: type[Base]) -> Table:

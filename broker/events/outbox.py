@@ -1,0 +1,44 @@
+"""Writing outbox rows inside the caller's transaction (the transactional outbox pattern).
+
+A side effect (an HL7 status to the RIS, an MPPS forward, a commitment request) is decided in the same
+transaction as the state change that causes it, as a row here; it is performed later by a task that
+reads the row. So a committed change always gets its side effect (at least once), and a rolled-back
+change never does.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, insert
+
+from broker.store.tables import OutboxEvent, table_of
+
+OUTBOX = table_of(OutboxEvent)
+_INSERT = insert(OUTBOX)
+
+# Event kinds; each has a handler in broker.events.handlers.
+RIS_STATUS = "ris.status"
+MPPS_FORWARD = "mpps.forward"
+STGCMT_REQUEST = "stgcmt.request"
+
+
+def add_event(db: Connection, kind: str, payload: dict[str, Any], ordering_key: str, now: datetime) -> str:
+    """Add one pending event to the caller's transaction; returns its event id (a UUID4).
+
+    ``ordering_key``: events with the same key run one after the other in the order they were added
+    (e.g. ``order:<pk>`` keeps the HL7 status messages of an order in order); '' = no ordering.
+    """
+    event_id = str(uuid.uuid4())
+    db.execute(_INSERT, {"event_id": event_id, "kind": kind, "payload": payload, "ordering_key": ordering_key,
+                         "status": "pending", "attempts": 0, "next_attempt_at": now, "lease_until": None,
+                         "last_error": "", "created_at": now, "done_at": None})
+    db.info["outbox_added"] = True
+    return event_id
+
+
+def take_added_flag(db: Connection) -> bool:
+    """Whether the transaction on ``db`` added outbox rows (and forget it): the caller wakes the relay."""
+    return bool(db.info.pop("outbox_added", False))

@@ -1,0 +1,155 @@
+"""The relay: publishes due outbox rows to the task queue, and the in-process worker.
+
+It runs as a thread of ``broker run``. A row is due when it is pending and its next attempt time
+has come (and the relay did not publish it within the last lease period), or when it is running
+with an expired lease (its worker died). Only the head of each ordering key is published: a later
+event of the same order waits in the database, not in the queue. After publishing, the row's
+``lease_until`` is set so the same row is not published every poll; should the task be lost (a
+Redis flushed, a queue purged) it is published again once that lease has passed.
+
+The relay is woken by the services after a commit that queued events (``wake``), so a status
+message does not wait for the poll; it also polls every ``event_poll_interval`` seconds, and runs
+the Storage Commitment timeout sweep every ``sweep_every`` seconds.
+
+Publishing: with ``BROKER_REDIS_URL`` set, to Celery on Redis (``workers.tasks.run_event``); with it
+empty, to a thread pool in this process that runs the same :class:`EventRunner`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta
+
+import structlog
+from sqlalchemy import Engine, and_, or_, select, update
+
+from broker.events.outbox import OUTBOX
+from broker.events.runner import EventRunner, blocked_by_earlier
+
+log = structlog.get_logger(__name__)
+
+Publish = Callable[[str], None]
+
+
+class Relay:
+    """Publishes due events; :meth:`start` runs it in a daemon thread until :meth:`stop`."""
+
+    def __init__(self, engine: Engine, publish: Publish, *, poll_interval: float = 0.5, lease_seconds: float = 60.0,
+                 batch: int = 200, sweep: Callable[[], object] | None = None, sweep_every: float = 30.0,
+                 clock: Callable[[], datetime] = datetime.now) -> None:
+        self.engine = engine
+        self.publish = publish
+        self.poll_interval = poll_interval
+        self.lease_seconds = lease_seconds
+        self.batch = batch
+        self.sweep = sweep
+        self.sweep_every = sweep_every
+        self.clock = clock
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def wake(self) -> None:
+        """Look for due events now (called after a commit that added some)."""
+        self._wake.set()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="outbox-relay", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        next_sweep = time.monotonic() + self.sweep_every
+        while not self._stop.is_set():
+            self._wake.clear()
+            try:
+                published = self.run_once()
+            except Exception:
+                log.exception("relay.failed")
+                published = 0
+            if self.sweep is not None and time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + self.sweep_every
+                try:
+                    self.sweep()
+                except Exception:
+                    log.exception("relay.sweep_failed")
+            if published < self.batch:  # a full batch: more may be due at once
+                self._wake.wait(self.poll_interval)
+
+    def run_once(self) -> int:
+        """Publish the due events; returns how many were published."""
+        now = self.clock()
+        due = or_(and_(OUTBOX.c.status == "pending", OUTBOX.c.next_attempt_at <= now,
+                       or_(OUTBOX.c.lease_until.is_(None), OUTBOX.c.lease_until < now)),
+                  and_(OUTBOX.c.status == "running", OUTBOX.c.lease_until < now))
+        with self.engine.connect() as db:
+            rows = list(db.execute(select(OUTBOX.c.id, OUTBOX.c.event_id, OUTBOX.c.attempts)
+                                   .where(due, ~blocked_by_earlier()).order_by(OUTBOX.c.id).limit(self.batch)))
+        if not rows:
+            return 0
+        # Marked before publishing, in its own short transaction: a worker that takes the task at once
+        # must not find the row locked by the relay (PostgreSQL SKIP LOCKED would skip it). A row a
+        # worker ran meanwhile (attempts changed, running or done) is left alone.
+        until = self.clock() + timedelta(seconds=self.lease_seconds)
+        marked: list[tuple[int, str]] = []
+        with self.engine.begin() as db:
+            for row in rows:
+                if db.execute(update(OUTBOX).where(
+                        OUTBOX.c.id == row.id, OUTBOX.c.attempts == row.attempts,
+                        or_(OUTBOX.c.status == "pending",
+                            and_(OUTBOX.c.status == "running", OUTBOX.c.lease_until < now)))
+                        .values(status="pending", lease_until=until)).rowcount:
+                    marked.append((row.id, row.event_id))
+        published: list[int] = []
+        for pk, event_id in marked:
+            try:
+                self.publish(event_id)
+            except Exception as exc:  # the queue is down: unmark the rest, try again at the next poll
+                log.warning("relay.publish_failed", event_id=event_id, error=f"{type(exc).__name__}: {exc}")
+                unpublished = [p for p, _ in marked if p not in published]
+                with self.engine.begin() as db:
+                    db.execute(update(OUTBOX).where(OUTBOX.c.id.in_(unpublished), OUTBOX.c.status == "pending",
+                                                    OUTBOX.c.lease_until == until).values(lease_until=None))
+                break
+            published.append(pk)
+        return len(published)
+
+
+class InProcessWorker:
+    """The embedded queue (no Redis): a thread pool in the broker that runs :class:`EventRunner`."""
+
+    def __init__(self, runner: EventRunner, threads: int = 4) -> None:
+        self.runner = runner
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="event-worker")
+
+    def publish(self, event_id: str) -> None:
+        self.pool.submit(self._run, event_id)
+
+    def _run(self, event_id: str) -> None:
+        try:
+            self.runner.run(event_id)
+        except Exception:
+            log.exception("event.runner_failed", event_id=event_id)
+
+    def shutdown(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def celery_publisher(redis_url: str) -> Publish:
+    """Publishing to Celery on Redis: ``workers.tasks.run_event(event_id)``, failing fast when Redis is down."""
+    from workers.celery_app import RUN_EVENT, make_celery_for
+
+    app = make_celery_for(redis_url)
+
+    def publish(event_id: str) -> None:
+        app.send_task(RUN_EVENT, args=[event_id], retry=False)
+
+    return publish

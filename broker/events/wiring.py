@@ -1,0 +1,86 @@
+"""Building the event path of a process from the settings: the runner, the relay, the embedded worker.
+
+``broker run`` starts an :class:`EventPath` (relay thread; with no Redis also the in-process worker);
+a Celery worker process builds only a runner (workers.tasks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+from sqlalchemy import Engine
+
+from broker.config import Settings
+from broker.events.handlers import build_handlers
+from broker.events.relay import InProcessWorker, Relay, celery_publisher
+from broker.events.runner import EventRunner, RetryPolicy
+from broker.stgcmt.service import CommitmentService
+from broker.workflow.build import Workflow, build_workflow
+from broker.workflow.context import WorkflowConfig
+
+log = structlog.get_logger(__name__)
+
+
+def retry_policy(settings: Settings) -> RetryPolicy:
+    return RetryPolicy(settings.event_max_attempts, settings.event_backoff_base, settings.event_backoff_max,
+                       settings.event_lease_seconds)
+
+
+def build_runner(settings: Settings, engine: Engine, commitment: CommitmentService | None = None) -> EventRunner:
+    """The runner of this process with the handlers the settings configure."""
+    return EventRunner(engine, build_handlers(settings, engine, commitment=commitment), retry_policy(settings))
+
+
+def sweep_interval(settings: Settings) -> float:
+    """Seconds between two Storage Commitment timeout sweeps: every 30 s, more often for a shorter
+    ``stgcmt_timeout``, so an unanswered request is failed at most about one timeout late."""
+    return max(0.2, min(30.0, settings.stgcmt_timeout))
+
+
+@dataclass
+class EventPath:
+    """The relay and (embedded queue) the in-process worker of ``broker run``, plus the workflow
+    services the DICOM edge calls; their commits wake the relay."""
+
+    relay: Relay
+    worker: InProcessWorker | None
+    workflow: Workflow
+
+    @classmethod
+    def start(cls, settings: Settings, engine: Engine) -> EventPath:
+        """Start the relay thread (and the worker threads when ``BROKER_REDIS_URL`` is empty)."""
+        worker: InProcessWorker | None = None
+        wakers: list[Callable[[], None]] = []  # the relay's wake, once it exists
+
+        def wake() -> None:
+            for waker in wakers:
+                waker()
+
+        # Results recorded here (a report on the request's association, the timeout sweep) may queue
+        # RIS status events: they wake the relay like the DICOM edge's commits do.
+        commitment = CommitmentService(engine, WorkflowConfig.from_settings(settings), wake)
+        if settings.redis_url:
+            publish = celery_publisher(settings.redis_url)
+        else:
+            worker = InProcessWorker(build_runner(settings, engine, commitment))
+            publish = worker.publish
+        relay = Relay(engine, publish, poll_interval=settings.event_poll_interval,
+                      lease_seconds=settings.event_lease_seconds, sweep=commitment.sweep_timeouts,
+                      sweep_every=sweep_interval(settings))
+        wakers.append(relay.wake)
+        if worker is not None:
+            worker.runner.on_done = relay.wake  # a done event may unblock the next of its key
+        relay.start()
+        log.info("events.started", queue="redis" if settings.redis_url else "embedded",
+                 stgcmt_sweep_every=sweep_interval(settings))
+        return cls(relay, worker, build_workflow(settings, engine, relay.wake))
+
+    def wake(self) -> None:
+        self.relay.wake()
+
+    def stop(self) -> None:
+        self.relay.stop()
+        if self.worker is not None:
+            self.worker.shutdown()

@@ -1,0 +1,244 @@
+"""MPPS N-CREATE and N-SET (PS3.4 F.7.2) as domain operations: rules, status codes, effects.
+
+Each call is one transaction: the MPPS instance, the step and procedure states, the instances it
+references, the commitment request and the outbox rows (RIS status, forwards) commit together before
+the edge answers the modality. Forwarding failures happen later, in tasks, and never reach the
+modality.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+import structlog
+from pydicom import Dataset
+from sqlalchemy import Connection, Engine, Row, insert, select, update
+
+from broker.dicom_json import JsonDataset
+from broker.domain.services import Cause, WorklistService
+from broker.domain.states import FINAL, NOT_STARTED, StepStatus
+from broker.events import outbox
+from broker.procedure.states import ProcedureState
+from broker.stgcmt.service import CommitmentService
+from broker.store.tables import MppsInstance, RequestedProcedure, ScheduledStep, table_of
+from broker.workflow.attributes import has_value, items, missing, tag, text, to_json
+from broker.workflow.context import TransactionalService, WorkflowConfig
+from broker.workflow.instances import InstanceRef, record_instances
+from broker.workflow.outcome import (
+    DUPLICATE_SOP_INSTANCE,
+    ERROR_ID_MAY_NO_LONGER_BE_UPDATED,
+    INVALID_ATTRIBUTE_VALUE,
+    MAY_NO_LONGER_BE_UPDATED,
+    MISSING_ATTRIBUTE,
+    MISSING_ATTRIBUTE_VALUE,
+    NO_SUCH_ATTRIBUTE,
+    NO_SUCH_OBJECT_INSTANCE,
+    PROCESSING_FAILURE,
+    SUCCESS,
+    Outcome,
+    failure,
+)
+
+log = structlog.get_logger(__name__)
+
+MPPS = table_of(MppsInstance)
+STEPS = table_of(ScheduledStep)
+PROCEDURES = table_of(RequestedProcedure)
+
+IN_PROGRESS, COMPLETED, DISCONTINUED = "IN PROGRESS", "COMPLETED", "DISCONTINUED"
+PPS_STATUSES = (IN_PROGRESS, COMPLETED, DISCONTINUED)
+
+# PS3.4 Table F.7.2-1: attributes the SCU must send with a value in N-CREATE (Type 1).
+CREATE_TYPE_1 = ("ScheduledStepAttributesSequence", "PerformedProcedureStepID", "PerformedStationAETitle",
+                 "PerformedProcedureStepStartDate", "PerformedProcedureStepStartTime",
+                 "PerformedProcedureStepStatus", "Modality")
+# PS3.4 Table F.7.2-1, N-SET column "Not allowed": the patient, the scheduling link and the
+# identity of the performed step. A repeat of the stored value is tolerated (some modalities send
+# their whole attribute set again); a different value is refused with 0x0105 (spec section 4).
+NOT_SETTABLE = ("ScheduledStepAttributesSequence", "PatientName", "PatientID", "IssuerOfPatientID",
+                "PatientBirthDate", "PatientSex", "ReferencedPatientSequence", "PerformedProcedureStepID",
+                "PerformedStationAETitle", "PerformedStationName", "PerformedLocation",
+                "PerformedProcedureStepStartDate", "PerformedProcedureStepStartTime", "Modality", "StudyID")
+# PS3.4 Table F.7.2-1, "Final State" column: what a COMPLETED or DISCONTINUED PPS must carry.
+FINAL_STATE = ("PerformedProcedureStepEndDate", "PerformedProcedureStepEndTime", "PerformedSeriesSequence")
+
+_STEP_STATUS = {IN_PROGRESS: StepStatus.STARTED, COMPLETED: StepStatus.COMPLETED,
+                DISCONTINUED: StepStatus.DISCONTINUED}
+_PROCEDURE_STATE = {IN_PROGRESS: ProcedureState.STARTED, COMPLETED: ProcedureState.COMPLETED,
+                    DISCONTINUED: ProcedureState.DISCONTINUED}
+
+
+class MppsService(TransactionalService):
+    """The MPPS SCP's operations; the DICOM edge turns their :class:`Outcome` into the response."""
+
+    def __init__(self, engine: Engine, config: WorkflowConfig | None = None,
+                 wake: Callable[[], None] | None = None, clock: Callable[[], datetime] = datetime.now,
+                 *, commitment: CommitmentService | None = None) -> None:
+        super().__init__(engine, config, wake, clock)
+        self.commitment = commitment or CommitmentService(engine, self.config, wake, clock)
+
+    # --- N-CREATE ----------------------------------------------------------------------------------
+    def create(self, sop_instance_uid: str, dataset: Dataset, calling_ae: str) -> Outcome:
+        """N-CREATE: a new PPS, IN PROGRESS, linked to its scheduled step(s) or kept as unscheduled."""
+        problem = _check_create(dataset)
+        if problem is not None:
+            log.info("mpps.create_refused", sop_instance_uid=sop_instance_uid, status=hex(problem.status),
+                     comment=problem.error_comment, calling_ae=calling_ae)
+            return problem
+        try:
+            document = to_json(dataset)
+        except Exception as exc:  # a value pydicom cannot encode: the request is not usable
+            return failure(PROCESSING_FAILURE, f"attribute list cannot be stored: {type(exc).__name__}")
+        return self.in_transaction(lambda db: self._create(db, sop_instance_uid, dataset, document, calling_ae),
+                                   "mpps.create")
+
+    def _create(self, db: Connection, uid: str, dataset: Dataset, document: JsonDataset,
+                calling_ae: str) -> Outcome:
+        if db.execute(select(MPPS.c.id).where(MPPS.c.sop_instance_uid == uid)).first() is not None:
+            return failure(DUPLICATE_SOP_INSTANCE, "an MPPS with this SOP Instance UID exists")
+        steps = _linked_steps(db, dataset)
+        now = self.clock()
+        first = steps[0] if steps else None
+        study_uid = text(items(dataset, "ScheduledStepAttributesSequence")[0], "StudyInstanceUID")
+        db.execute(insert(MPPS), {
+            "sop_instance_uid": uid, "status": IN_PROGRESS, "step_fk": first.id if first else None,
+            "procedure_fk": first.procedure_fk if first else None, "study_instance_uid": study_uid,
+            "calling_ae": calling_ae[:16], "dataset": document, "unscheduled": not steps,
+            "created_at": now, "updated_at": now})
+        if steps:
+            self._apply_status(db, uid, IN_PROGRESS, steps)
+        else:
+            log.info("mpps.unscheduled", sop_instance_uid=uid, calling_ae=calling_ae)
+        self._forward(db, uid, "N-CREATE", document, now)
+        log.info("mpps.created", sop_instance_uid=uid, steps=[s.id for s in steps], calling_ae=calling_ae)
+        return Outcome(SUCCESS)
+
+    # --- N-SET -------------------------------------------------------------------------------------
+    def update(self, sop_instance_uid: str, dataset: Dataset, calling_ae: str) -> Outcome:
+        """N-SET: change the attributes a PPS may still change; COMPLETED / DISCONTINUED end it."""
+        try:
+            modification = to_json(dataset)
+        except Exception as exc:
+            return failure(PROCESSING_FAILURE, f"modification list cannot be stored: {type(exc).__name__}")
+        return self.in_transaction(lambda db: self._update(db, sop_instance_uid, dataset, modification, calling_ae),
+                                   "mpps.update")
+
+    def _update(self, db: Connection, uid: str, dataset: Dataset, modification: JsonDataset,
+                calling_ae: str) -> Outcome:
+        query = select(MPPS).where(MPPS.c.sop_instance_uid == uid)
+        if db.dialect.name == "postgresql":
+            query = query.with_for_update()  # two N-SETs on one instance: one after the other
+        row = db.execute(query).first()
+        if row is None:
+            return failure(NO_SUCH_OBJECT_INSTANCE, "no MPPS with this SOP Instance UID")
+        if row.status != IN_PROGRESS:
+            # PS3.4 F.7.2.2: only an IN PROGRESS PPS may be updated.
+            return failure(PROCESSING_FAILURE, MAY_NO_LONGER_BE_UPDATED, error_id=ERROR_ID_MAY_NO_LONGER_BE_UPDATED)
+        changed = [k for k in NOT_SETTABLE if k in dataset and modification.get(_hex(k)) != row.dataset.get(_hex(k))]
+        if changed:
+            return failure(NO_SUCH_ATTRIBUTE, f"may not be changed by N-SET: {', '.join(changed)}",
+                           tuple(tag(k) for k in changed))
+        status = text(dataset, "PerformedProcedureStepStatus") or row.status
+        if "PerformedProcedureStepStatus" in dataset and status not in PPS_STATUSES:
+            return failure(INVALID_ATTRIBUTE_VALUE, f"Performed Procedure Step Status {status!r} is not valid",
+                           (tag("PerformedProcedureStepStatus"),))
+        # A sequence in N-SET replaces the whole sequence: every element replaces the stored one.
+        document = {**row.dataset, **modification}
+        merged = Dataset.from_json(document)
+        if status in (COMPLETED, DISCONTINUED):
+            # PS3.4 F.7.2.2.2 / Table F.7.2-1 "Final State": the SCP refuses to end a PPS whose final-state
+            # attributes are missing; it is a processing failure (0110) of this N-SET, not a missing
+            # attribute of the modification list (0120), which is why the Error Comment names them.
+            lacking = [k for k in FINAL_STATE if not has_value(merged, k)]
+            if lacking:
+                return failure(PROCESSING_FAILURE, f"{status} needs {', '.join(lacking)}",
+                               tuple(tag(k) for k in lacking))
+        now = self.clock()
+        db.execute(update(MPPS).where(MPPS.c.id == row.id).values(dataset=document, status=status, updated_at=now))
+        if status != row.status:
+            steps = _linked_steps(db, merged)
+            if steps:
+                self._apply_status(db, uid, status, steps)
+            if status in (COMPLETED, DISCONTINUED):
+                self._record_performed_instances(db, uid, merged, row.procedure_fk, now)
+                if status == COMPLETED and row.procedure_fk is not None:
+                    self.commitment.request_commitment(db, row.procedure_fk)
+        self._forward(db, uid, "N-SET", modification, now)
+        log.info("mpps.updated", sop_instance_uid=uid, status=status, calling_ae=calling_ae)
+        return Outcome(SUCCESS)
+
+    # --- effects -----------------------------------------------------------------------------------
+    def _apply_status(self, db: Connection, uid: str, status: str, steps: list[Row[Any]]) -> None:
+        """The PPS status moves its steps (SPS Status) and, through them, their procedures."""
+        cause = Cause(f"MPPS {uid} {status}", event_kind="mpps", event_ref=uid)
+        worklist = WorklistService(db, self.clock, procedures=self.procedures)
+        step_status = _STEP_STATUS[status]
+        followed: set[int] = set()  # procedures a moved step moved (or tried to) already
+        for step in steps:
+            movable = step.sps_status in NOT_STARTED if status == IN_PROGRESS else step.sps_status not in FINAL
+            if movable and worklist.set_step_status(step.id, step_status, cause):
+                followed.add(step.procedure_fk)
+            elif not movable:
+                log.info("mpps.step_not_moved", sop_instance_uid=uid, step_pk=step.id, sps_status=step.sps_status)
+        # A step HL7 had moved already still moves its procedure for this MPPS.
+        for procedure_pk in dict.fromkeys(s.procedure_fk for s in steps if s.procedure_fk not in followed):
+            self.procedures.advance(db, procedure_pk, _PROCEDURE_STATE[status], cause)
+
+    def _record_performed_instances(self, db: Connection, uid: str, dataset: Dataset, procedure_pk: int | None,
+                                    now: datetime) -> None:
+        study_uid = text(items(dataset, "ScheduledStepAttributesSequence")[0], "StudyInstanceUID") \
+            if items(dataset, "ScheduledStepAttributesSequence") else ""
+        refs = [InstanceRef(text(image, "ReferencedSOPInstanceUID"), text(image, "ReferencedSOPClassUID"),
+                            text(series, "SeriesInstanceUID"), study_uid, mpps_uid=uid, procedure_fk=procedure_pk)
+                for series in items(dataset, "PerformedSeriesSequence")
+                for keyword in ("ReferencedImageSequence", "ReferencedNonImageCompositeSOPInstanceSequence")
+                for image in items(series, keyword)]
+        record_instances(db, refs, now)
+
+    def _forward(self, db: Connection, uid: str, operation: str, document: JsonDataset, now: datetime) -> None:
+        for target in self.config.forward_aes:
+            outbox.add_event(db, outbox.MPPS_FORWARD, {"target": target, "operation": operation,
+                                                       "sop_instance_uid": uid, "dataset": document},
+                             f"mpps:{target}:{uid}", now)
+
+
+def _check_create(dataset: Dataset) -> Outcome | None:
+    """The N-CREATE rules that need no database: Type 1 attributes, PPS Status IN PROGRESS."""
+    absent, empty = missing(dataset, CREATE_TYPE_1)
+    for position, item in enumerate(items(dataset, "ScheduledStepAttributesSequence")):
+        if "StudyInstanceUID" not in item:
+            absent.append(f"ScheduledStepAttributesSequence[{position}].StudyInstanceUID")
+        elif not has_value(item, "StudyInstanceUID"):
+            empty.append(f"ScheduledStepAttributesSequence[{position}].StudyInstanceUID")
+    if absent:
+        return failure(MISSING_ATTRIBUTE, f"missing: {', '.join(absent)}", _tags(absent))
+    if empty:
+        return failure(MISSING_ATTRIBUTE_VALUE, f"no value: {', '.join(empty)}", _tags(empty))
+    status = text(dataset, "PerformedProcedureStepStatus")
+    if status != IN_PROGRESS:
+        return failure(INVALID_ATTRIBUTE_VALUE, f"N-CREATE needs Performed Procedure Step Status IN PROGRESS, "
+                       f"not {status}", (tag("PerformedProcedureStepStatus"),))
+    return None
+
+
+def _linked_steps(db: Connection, dataset: Dataset) -> list[Row[Any]]:
+    """The scheduled steps named by the Scheduled Step Attribute Sequence (Study Instance UID + SPS ID)."""
+    found: dict[int, Any] = {}
+    for item in items(dataset, "ScheduledStepAttributesSequence"):
+        study_uid, sps_id = text(item, "StudyInstanceUID"), text(item, "ScheduledProcedureStepID")
+        if not (study_uid and sps_id):
+            continue
+        query = select(STEPS.c.id, STEPS.c.procedure_fk, STEPS.c.sps_status).where(
+            STEPS.c.study_instance_uid == study_uid, STEPS.c.sps_id == sps_id)
+        found.update((step.id, step) for step in db.execute(query))
+    return list(found.values())
+
+
+def _hex(keyword: str) -> str:
+    return f"{tag(keyword):08X}"
+
+
+def _tags(names: list[str]) -> tuple[int, ...]:
+    return tuple(tag(name.rsplit(".", 1)[-1]) for name in names)

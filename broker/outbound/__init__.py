@@ -1,0 +1,1 @@
+"""Side effects toward other systems, performed by event handlers: HL7 to the RIS, DICOM to peers."""

@@ -1,0 +1,134 @@
+"""Storage Commitment requests and their results, and the timeout that ends an unanswered request.
+
+A request is created in the transaction of the event that calls for it (MPPS COMPLETED, an IAN) with
+one row per referenced instance and an outbox row ``stgcmt.request``; the task sends the N-ACTION.
+The archive's N-EVENT-REPORT (on the same association or a new one) is handed to
+:meth:`CommitmentService.record_result`, which keeps the result per instance and moves the
+procedure to ARCHIVED (all committed) or COMMIT FAILED.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import timedelta
+
+import structlog
+from pydicom.uid import generate_uid
+from sqlalchemy import Connection, insert, select, update
+
+from broker.domain.services import Cause
+from broker.events import outbox
+from broker.procedure.states import ProcedureState
+from broker.store.tables import CommitmentItem, CommitmentRequest, table_of
+from broker.workflow.context import TransactionalService
+from broker.workflow.instances import procedure_instances
+from broker.workflow.outcome import INVALID_ARGUMENT_VALUE, SUCCESS, Outcome, failure
+
+log = structlog.get_logger(__name__)
+
+REQUESTS = table_of(CommitmentRequest)
+ITEMS = table_of(CommitmentItem)
+
+
+class CommitmentService(TransactionalService):
+    """Creates commitment requests and records the archive's answers."""
+
+    def request_commitment(self, db: Connection, procedure_pk: int) -> str | None:
+        """Ask the archive to commit every instance known for the procedure, in the caller's transaction.
+
+        Returns the Transaction UID, or None when no archive is configured or no instance is known.
+        A PENDING or COMMITTED request for exactly the same instances is not repeated (an IAN after
+        MPPS COMPLETED usually names the same instances): its Transaction UID is returned instead.
+        """
+        if not self.config.archive_ae:
+            return None
+        instances = procedure_instances(db, procedure_pk)
+        if not instances:
+            return None
+        wanted = set(instances)
+        for request in db.execute(select(REQUESTS.c.id, REQUESTS.c.transaction_uid).where(
+                REQUESTS.c.procedure_fk == procedure_pk, REQUESTS.c.status.in_(["PENDING", "COMMITTED"]))):
+            asked = {(r.sop_class_uid, r.sop_instance_uid) for r in db.execute(
+                select(ITEMS.c.sop_class_uid, ITEMS.c.sop_instance_uid).where(ITEMS.c.request_fk == request.id))}
+            if asked == wanted:
+                return str(request.transaction_uid)
+        now = self.clock()
+        transaction_uid = generate_uid(prefix=f"{self.config.uid_root}." if self.config.uid_root else None)
+        request_pk = db.execute(insert(REQUESTS).returning(REQUESTS.c.id), {
+            "transaction_uid": transaction_uid, "procedure_fk": procedure_pk, "archive_ae": self.config.archive_ae,
+            "status": "PENDING", "reason": "", "requested_at": now, "answered_at": None}).scalar_one()
+        db.execute(insert(ITEMS), [{"request_fk": request_pk, "sop_class_uid": c, "sop_instance_uid": i,
+                                    "committed": None, "failure_reason": None} for c, i in instances])
+        outbox.add_event(db, outbox.STGCMT_REQUEST, {"transaction_uid": transaction_uid,
+                                                     "archive_ae": self.config.archive_ae},
+                         f"stgcmt:{transaction_uid}", now)
+        log.info("stgcmt.requested", procedure_pk=procedure_pk, transaction_uid=transaction_uid,
+                 instances=len(instances))
+        return transaction_uid
+
+    def record_result(self, transaction_uid: str, committed: Sequence[tuple[str, str]],
+                      failed: Sequence[tuple[str, str, int]]) -> Outcome:
+        """The archive's N-EVENT-REPORT: ``committed`` (class, instance) and ``failed`` (class, instance,
+        Failure Reason). An unknown Transaction UID is 0x0115 (invalid argument value); a report for
+        a request already COMMITTED changes nothing; a success after a timeout still archives."""
+        return self.in_transaction(lambda db: self._record(db, transaction_uid, committed, failed),
+                                   "stgcmt.result")
+
+    def _record(self, db: Connection, transaction_uid: str, committed: Sequence[tuple[str, str]],
+                failed: Sequence[tuple[str, str, int]]) -> Outcome:
+        request = db.execute(select(REQUESTS).where(REQUESTS.c.transaction_uid == transaction_uid)).first()
+        if request is None:
+            log.warning("stgcmt.unknown_transaction", transaction_uid=transaction_uid)
+            return failure(INVALID_ARGUMENT_VALUE, "unknown Transaction UID")
+        if request.status == "COMMITTED":
+            return Outcome(SUCCESS)
+        for _sop_class, sop_instance in committed:
+            db.execute(update(ITEMS).where(ITEMS.c.request_fk == request.id,
+                                           ITEMS.c.sop_instance_uid == sop_instance)
+                       .values(committed=True, failure_reason=None))
+        for _sop_class, sop_instance, failure_reason in failed:
+            db.execute(update(ITEMS).where(ITEMS.c.request_fk == request.id,
+                                           ITEMS.c.sop_instance_uid == sop_instance)
+                       .values(committed=False, failure_reason=int(failure_reason)))
+        now = self.clock()
+        if failed:
+            status, reason, target = "FAILED", f"{len(failed)} instance(s) not committed", \
+                ProcedureState.COMMIT_FAILED
+        else:
+            status, reason, target = "COMMITTED", "", ProcedureState.ARCHIVED
+        db.execute(update(REQUESTS).where(REQUESTS.c.id == request.id)
+                   .values(status=status, reason=reason, answered_at=now))
+        text = f"Storage Commitment {transaction_uid} " + ("committed" if not failed else reason)
+        self.procedures.advance(db, request.procedure_fk, target,
+                                Cause(text, event_kind="stgcmt", event_ref=transaction_uid))
+        log.info("stgcmt.answered", transaction_uid=transaction_uid, status=status, committed=len(committed),
+                 failed=len(failed))
+        return Outcome(SUCCESS)
+
+    def sweep_timeouts(self) -> int:
+        """Mark PENDING requests older than ``stgcmt_timeout`` FAILED (procedure COMMIT FAILED).
+        Returns how many were marked."""
+        timeout = self.config.stgcmt_timeout
+        marked = 0
+
+        def sweep(db: Connection) -> Outcome:
+            nonlocal marked
+            now = self.clock()
+            expired = list(db.execute(select(REQUESTS.c.id, REQUESTS.c.transaction_uid, REQUESTS.c.procedure_fk)
+                                      .where(REQUESTS.c.status == "PENDING",
+                                             REQUESTS.c.requested_at < now - timedelta(seconds=timeout))))
+            reason = f"no answer within {timeout:g} s"
+            for request in expired:
+                changed = db.execute(update(REQUESTS).where(REQUESTS.c.id == request.id,
+                                                            REQUESTS.c.status == "PENDING")
+                                     .values(status="FAILED", reason=reason, answered_at=now)).rowcount
+                if changed:
+                    marked += 1
+                    self.procedures.advance(db, request.procedure_fk, ProcedureState.COMMIT_FAILED,
+                                            Cause(f"Storage Commitment {request.transaction_uid}: {reason}",
+                                                  event_kind="stgcmt", event_ref=request.transaction_uid))
+                    log.warning("stgcmt.timed_out", transaction_uid=request.transaction_uid)
+            return Outcome(SUCCESS)
+
+        self.in_transaction(sweep, "stgcmt.sweep")
+        return marked
