@@ -92,7 +92,8 @@ def send_commitment_request(request: CommitmentRequestMessage, *, commitment: Co
     or its N-ACTION answer is missing or a failure: the event is retried with backoff.
     """
     archive = request.archive
-    reported = threading.Event()
+    recorded = threading.Event()  # the report of this transaction is recorded ...
+    reported = threading.Event()  # ... and its response is on the wire: the association may be released
 
     def on_report(event: Any) -> tuple[Dataset, None]:
         """N-EVENT-REPORT on this association, in the association's thread."""
@@ -103,15 +104,21 @@ def send_commitment_request(request: CommitmentRequestMessage, *, commitment: Co
             except Exception:
                 reported_uid = ""
             if reported_uid == request.transaction_uid:
-                reported.set()
+                recorded.set()
         return status_dataset(outcome), None
+
+    def on_sent(event: Any) -> None:
+        # Released only after the N-EVENT-REPORT response went out: an A-RELEASE-RQ sent while the
+        # handler still runs would overtake it, and the archive would see no answer to its report.
+        if recorded.is_set() and type(event.message).__name__ == "N_EVENT_REPORT_RSP":
+            reported.set()
 
     ae = AE(ae_title=request.calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.add_requested_context(StorageCommitmentPushModel, TRANSFER_SYNTAXES)
     assoc = ae.associate(archive.host, archive.port, ae_title=archive.ae_title,
                          ext_neg=[build_role(StorageCommitmentPushModel, scu_role=True, scp_role=True)],
-                         evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
+                         evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report), (evt.EVT_DIMSE_SENT, on_sent)])
     if not assoc.is_established:
         raise PeerFailure(f"no association with {archive.ae_title}@{archive.host}:{archive.port}")
     try:
