@@ -47,6 +47,9 @@ Reject = tuple[int, int, int]
 # query answered from one page goes out in one or two writes and a slow one still streams.
 _FLUSH_BYTES = 16384
 _FLUSH_SECONDS = 0.002
+# A C-CANCEL is looked for at most this often while responses are produced.
+_CANCEL_CHECK_SECONDS = 0.002
+_RECEIVE_BYTES = 65536
 # How long to wait for the peer to close after A-RELEASE-RP, A-ASSOCIATE-RJ or A-ABORT (ARTIM).
 _LINGER_SECONDS = 5.0
 
@@ -189,6 +192,8 @@ class Association:
         self._cancelled: set[int] = set()
         self._admitted = False
         self._release_requested = False
+        self._received = bytearray()  # read from the socket, not yet parsed
+        self._cancel_checked = 0.0
 
     # --- the life of the association ----------------------------------------------------------------
     def run(self) -> None:
@@ -309,11 +314,18 @@ class Association:
             self._cancelled.discard(message_id)
 
     def _is_cancelled(self, message_id: int) -> bool:
-        if message_id not in self._cancelled and self._readable():
-            self._receive(block=False)
+        # Looking at the socket is a system call, and under load every system call can cost a thread
+        # its turn at the interpreter lock: look at most every _CANCEL_CHECK_SECONDS.
+        now = time.monotonic()
+        if message_id not in self._cancelled and now - self._cancel_checked >= _CANCEL_CHECK_SECONDS:
+            self._cancel_checked = now
+            if self._readable():
+                self._receive(block=False)
         return message_id in self._cancelled
 
     def _readable(self) -> bool:
+        if len(self._received) >= pdu.PDU_HEADER_LENGTH:
+            return True
         readable, _, _ = select.select([self.sock], [], [], 0)
         return bool(readable)
 
@@ -375,19 +387,21 @@ class Association:
         return pdu_type, self._read_exact(length)
 
     def _read_exact(self, count: int) -> bytes:
-        buffer = bytearray(count)
-        view = memoryview(buffer)
-        got = 0
-        while got < count:
+        """``count`` bytes, from what an earlier ``recv`` brought or from the socket; one ``recv`` takes
+        whatever has arrived (often a whole request), not one PDU header at a time."""
+        received = self._received
+        while len(received) < count:
             if self.host.quickack:
                 quickack(self.sock)
-            n = self.sock.recv_into(view[got:], count - got)
-            if n == 0:
-                if got or self._admitted:
+            data = self.sock.recv(max(_RECEIVE_BYTES, count - len(received)))
+            if not data:
+                if received or self._admitted:
                     log.info("dicom.connection_closed", calling_ae=self.peer.calling_ae_title, peer=self.address[0])
                 raise _Closed
-            got += n
-        return bytes(buffer)
+            received += data
+        out = bytes(received[:count])
+        del received[:count]
+        return out
 
     def _send(self, data: bytes) -> None:
         self.sock.sendall(data)
