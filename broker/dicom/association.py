@@ -284,8 +284,10 @@ class Association:
             raise pdu.PduError(f"unrecognized PDU type 0x{pdu_type:02X}", pdu.REASON_UNRECOGNIZED_PDU)
 
     def _release(self) -> None:
-        self._send(pdu.encode_release_response())
+        # Out of the count before the A-RELEASE-RP: a modality that associates again the moment it has
+        # the RP must find its place free, not be rejected for its own previous association.
         self._leave()
+        self._send(pdu.encode_release_response())
         self._linger()
 
     # --- DIMSE --------------------------------------------------------------------------------------
