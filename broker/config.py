@@ -64,6 +64,7 @@ class Settings(BaseSettings):
     dicom_network_timeout: float = Field(60, gt=0)
     dicom_max_pdu: int = Field(65536, ge=0)
     dicom_tcp_quickack: bool = True
+    dicom_processes: int = Field(1, ge=1, le=32)
     dicom_allowed_callers: str = ""
     mwl_station_sees_own_items: bool = False
     mwl_hidden_statuses: str = "STARTED,COMPLETED,CANCELED,DISCONTINUED"

@@ -13,7 +13,8 @@ import signal
 import structlog
 
 from broker.config import Settings
-from broker.dicom.server import DicomServer
+from broker.dicom import processes
+from broker.dicom.server import AssociationCount, DicomServer
 from broker.events.wiring import EventPath
 from broker.hl7.intake import Intake
 from broker.hl7.mllp import MessageHandler, MLLPServer
@@ -59,15 +60,19 @@ async def serve(settings: Settings) -> None:
     await server.start()
     # The relay and workers; events.workflow holds the MPPS / IAN / commitment services for the DICOM edge.
     events = EventPath.start(settings, make_engine(settings.database_url, pool_size=10))
+    several = settings.dicom_processes > 1
+    count = processes.shared_count() if several else None
     dicom = DicomServer(settings, make_engine(settings.database_url, pool_size=10, for_reading=True),
-                        workflow=events.workflow)
+                        workflow=events.workflow, count=AssociationCount(count), reuse_port=several)
     try:
         dicom.start()
     except OSError as exc:
         await server.stop()
         await asyncio.to_thread(events.stop)
         raise StartupError(f"cannot listen on DICOM port {settings.dicom_port}: {exc.strerror}") from exc
+    acceptors = processes.start_acceptors(settings, count, settings.dicom_processes - 1) if several else []
     log.info("broker.started", hl7_port=server.port, dicom_port=dicom.port, hl7_processes=settings.hl7_processes,
+             dicom_processes=settings.dicom_processes,
              ae_title=settings.ae_title,
              database=_safe_url(settings.database_url), queue="redis" if settings.redis_url else "embedded")
     stop = asyncio.Event()
@@ -76,6 +81,7 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("broker.stopping")
+    await asyncio.to_thread(processes.stop_acceptors, acceptors)
     await asyncio.to_thread(dicom.stop)
     await server.stop()
     await asyncio.to_thread(events.stop)

@@ -18,6 +18,7 @@ import socket
 import threading
 from collections.abc import Iterator
 from importlib.metadata import version
+from typing import Any
 
 import structlog
 from pydicom.uid import PYDICOM_ROOT_UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
@@ -61,6 +62,41 @@ IMPLEMENTATION_CLASS_UID = str(generate_uid(prefix=PYDICOM_ROOT_UID, entropy_src
 LISTEN_BACKLOG = 256
 
 
+class AssociationCount:
+    """The associations admitted and not yet ended, against ``dicom_max_associations``.
+
+    Per process by default; given a ``multiprocessing.Value('i')``, shared by the acceptor processes of
+    ``dicom_processes`` so that the limit holds for the port, not for each process.
+    """
+
+    def __init__(self, shared: Any | None = None) -> None:
+        self._shared = shared
+        self._lock = threading.Lock()
+        self._local = 0
+
+    def try_enter(self, limit: int) -> bool:
+        """Count one more association unless ``limit`` are open already."""
+        if self._shared is not None:
+            with self._shared.get_lock():
+                if self._shared.value >= limit:
+                    return False
+                self._shared.value += 1
+                return True
+        with self._lock:
+            if self._local >= limit:
+                return False
+            self._local += 1
+            return True
+
+    def leave(self) -> None:
+        if self._shared is not None:
+            with self._shared.get_lock():
+                self._shared.value -= 1
+            return
+        with self._lock:
+            self._local -= 1
+
+
 def worklist_options(settings: Settings) -> WorklistOptions:
     """The matching options the settings ask for (the station restriction is set per association)."""
     return WorklistOptions(pn_case_insensitive=settings.mwl_pn_case_insensitive,
@@ -70,10 +106,14 @@ def worklist_options(settings: Settings) -> WorklistOptions:
 class DicomServer:
     """The running DICOM listener; :meth:`start` returns once it accepts connections."""
 
-    def __init__(self, settings: Settings, engine: Engine, workflow: Workflow | None = None) -> None:
+    def __init__(self, settings: Settings, engine: Engine, workflow: Workflow | None = None, *,
+                 count: AssociationCount | None = None, reuse_port: bool = False) -> None:
         """``engine`` serves the worklist (a reading engine); ``workflow`` (its own read-write engine)
-        the MPPS, IAN and commitment services, which are offered only when it is given."""
+        the MPPS, IAN and commitment services, which are offered only when it is given. ``count`` and
+        ``reuse_port``: for one of several acceptor processes on the port (``dicom_processes``)."""
         self.settings = settings
+        self.count = count or AssociationCount()
+        self.reuse_port = reuse_port
         self.workflow = workflow
         self.ae_title = settings.ae_title
         self.maximum_length = settings.dicom_max_pdu
@@ -90,7 +130,6 @@ class DicomServer:
         self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._active = 0
         self._connections: set[socket.socket] = set()
         self._stopping = threading.Event()
 
@@ -122,7 +161,7 @@ class DicomServer:
     def start(self) -> None:
         """Bind and accept in a background thread; raises OSError when the port cannot be bound."""
         listener = socket.create_server((self.settings.dicom_host, self.settings.dicom_port),
-                                        backlog=LISTEN_BACKLOG, reuse_port=False)
+                                        backlog=LISTEN_BACKLOG, reuse_port=self.reuse_port)
         listener.settimeout(0.5)  # so that stop() is noticed
         self._listener = listener
         self._stopping.clear()
@@ -180,13 +219,7 @@ class DicomServer:
             log.warning("dicom.association_refused", calling_ae=calling, peer=address,
                         reason="calling AE title not on the allow-list")
             return REJECT_CALLING_AE_NOT_RECOGNIZED
-        with self._lock:
-            if self._active >= self.settings.dicom_max_associations:
-                full = True
-            else:
-                full = False
-                self._active += 1
-        if full:
+        if not self.count.try_enter(self.settings.dicom_max_associations):
             log.warning("dicom.association_rejected", calling_ae=calling, peer=address,
                         reason="local limit exceeded")
             return REJECT_LOCAL_LIMIT_EXCEEDED
@@ -194,8 +227,7 @@ class DicomServer:
 
     def leave(self) -> None:
         """An admitted association has ended (released, aborted or lost)."""
-        with self._lock:
-            self._active -= 1
+        self.count.leave()
 
     # --- services ---------------------------------------------------------------------------------
     def _on_find(self, request: Request) -> Iterator[Response]:
