@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
+import orjson
 import structlog
 from pydicom.dataset import Dataset
 from sqlalchemy import ColumnElement, Engine
@@ -108,7 +109,7 @@ class WorklistFinder:
                 pages += 1
                 for row in rows:
                     count += 1
-                    yield response_json(row.item, query)
+                    yield response_json(orjson.loads(row.item), query)
                 if len(rows) < size:
                     break
                 last = rows[-1]
