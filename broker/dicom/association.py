@@ -89,10 +89,6 @@ class Request:
         self._data_set = message.data_set
         self._is_cancelled = is_cancelled
 
-    @property
-    def has_data_set(self) -> bool:
-        return self._data_set is not None
-
     def data_set(self) -> Dataset:
         """The request's data set (identifier, attribute list, event or action information).
 
@@ -297,12 +293,12 @@ class Association:
             raise pdu.PduError(f"message on presentation context {message.context_id}, which was not accepted",
                                pdu.REASON_INVALID_PDU_PARAMETER)
         field_ = message.command_field
-        sop_class = str(message.command.get("AffectedSOPClassUID") or message.command.get("RequestedSOPClassUID")
-                        or context.abstract_syntax)
-        handler = self.host.services.handlers.get((context.abstract_syntax, field_))
         if field_ & 0x8000:  # a response where a request was expected: nothing we asked for
             log.warning("dicom.unexpected_response", calling_ae=self.peer.calling_ae_title, command=hex(field_))
             return
+        sop_class = str(message.command.get("AffectedSOPClassUID") or message.command.get("RequestedSOPClassUID")
+                        or context.abstract_syntax)
+        handler = self.host.services.handlers.get((context.abstract_syntax, field_))
         message_id = message.message_id
         request = Request(self.peer, context, message, lambda: self._is_cancelled(message_id))
         if handler is None:

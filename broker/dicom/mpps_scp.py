@@ -12,22 +12,13 @@ from collections.abc import Iterator
 
 from broker.dicom.association import Request, Response
 from broker.dicom.dimse import PROCESSING_FAILURE
-from broker.dicom.statuses import affected_instance_uid, decoded_data_set, status_dataset
+from broker.dicom.statuses import answer_n_create, decoded_data_set, status_dataset
 from broker.mpps.service import MppsService
 
 
 def handle_n_create(request: Request, mpps: MppsService) -> Iterator[Response]:
     """N-CREATE: a modality starts a performed procedure step."""
-    sop_instance_uid, assigned = affected_instance_uid(request)
-    dataset, failure = decoded_data_set(request, "attribute list")
-    if dataset is None or failure is not None:
-        yield failure or PROCESSING_FAILURE, None
-        return
-    outcome = mpps.create(sop_instance_uid, dataset, request.peer.calling_ae_title)
-    status = status_dataset(outcome)
-    if assigned:
-        status.AffectedSOPInstanceUID = sop_instance_uid
-    yield status, outcome.attribute_list
+    yield from answer_n_create(request, mpps.create)
 
 
 def handle_n_set(request: Request, mpps: MppsService) -> Iterator[Response]:

@@ -14,6 +14,7 @@ from pydicom.dataset import Dataset
 from sqlalchemy.exc import SQLAlchemyError
 
 from broker.dicom.association import Request
+from broker.dicom.statuses import failure_dataset
 from broker.dicom_json import JsonDataset
 from broker.mwl.finder import WorklistFinder
 from broker.mwl.identifier import IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, IdentifierError
@@ -30,17 +31,6 @@ UNABLE_TO_PROCESS = 0xC001
 FindResponse = tuple[int | Dataset, Dataset | JsonDataset | None]
 
 
-def failure(status: int, comment: str, offending: tuple[int, ...] = ()) -> Dataset:
-    """A failure status dataset with an Error Comment (LO: at most 64 characters) and, when known,
-    the Offending Element tags."""
-    dataset = Dataset()
-    dataset.Status = status
-    dataset.ErrorComment = comment[:64]
-    if offending:
-        dataset.OffendingElement = list(offending)
-    return dataset
-
-
 def handle_find(request: Request, finder: WorklistFinder) -> Iterator[FindResponse]:
     """C-FIND handler for Modality Worklist Information Model - FIND."""
     calling_ae_title = request.peer.calling_ae_title
@@ -48,7 +38,7 @@ def handle_find(request: Request, finder: WorklistFinder) -> Iterator[FindRespon
         identifier = request.data_set()
     except Exception as exc:  # undecodable bytes in the request
         log.warning("mwl.bad_identifier", calling_ae=calling_ae_title, error=str(exc))
-        yield failure(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, "identifier cannot be decoded"), None
+        yield failure_dataset(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, "identifier cannot be decoded"), None
         return
     started = time.perf_counter()
     count = 0
@@ -64,19 +54,19 @@ def handle_find(request: Request, finder: WorklistFinder) -> Iterator[FindRespon
             yield pending, response
     except IdentifierError as exc:
         log.warning("mwl.invalid_query", calling_ae=calling_ae_title, error=str(exc))
-        yield failure(exc.status, exc.comment, exc.offending), None
+        yield failure_dataset(exc.status, exc.comment, exc.offending), None
         return
     except MemoryError:
         log.error("mwl.out_of_resources", calling_ae=calling_ae_title)
-        yield failure(OUT_OF_RESOURCES, "out of resources"), None
+        yield failure_dataset(OUT_OF_RESOURCES, "out of resources"), None
         return
     except SQLAlchemyError as exc:
         log.error("mwl.database_error", calling_ae=calling_ae_title, error=type(exc).__name__)
-        yield failure(UNABLE_TO_PROCESS, "worklist database unavailable"), None
+        yield failure_dataset(UNABLE_TO_PROCESS, "worklist database unavailable"), None
         return
     except Exception as exc:  # a bug must answer the modality, not hang it
         log.exception("mwl.internal_error", calling_ae=calling_ae_title)
-        yield failure(UNABLE_TO_PROCESS, f"internal error ({type(exc).__name__})"), None
+        yield failure_dataset(UNABLE_TO_PROCESS, f"internal error ({type(exc).__name__})"), None
         return
     log.info("mwl.query", calling_ae=calling_ae_title, matches=count,
              unsupported_keys=list(result.unsupported_keys) or None,

@@ -70,31 +70,30 @@ class AssociationCount:
     """
 
     def __init__(self, shared: Any | None = None) -> None:
-        self._shared = shared
-        self._lock = threading.Lock()
-        self._local = 0
+        self._counter = shared if shared is not None else _ThreadCounter()
 
     def try_enter(self, limit: int) -> bool:
         """Count one more association unless ``limit`` are open already."""
-        if self._shared is not None:
-            with self._shared.get_lock():
-                if self._shared.value >= limit:
-                    return False
-                self._shared.value += 1
-                return True
-        with self._lock:
-            if self._local >= limit:
+        with self._counter.get_lock():
+            if self._counter.value >= limit:
                 return False
-            self._local += 1
+            self._counter.value += 1
             return True
 
     def leave(self) -> None:
-        if self._shared is not None:
-            with self._shared.get_lock():
-                self._shared.value -= 1
-            return
-        with self._lock:
-            self._local -= 1
+        with self._counter.get_lock():
+            self._counter.value -= 1
+
+
+class _ThreadCounter:
+    """What :class:`AssociationCount` uses of a ``multiprocessing.Value``, for one process's threads."""
+
+    def __init__(self) -> None:
+        self.value = 0
+        self._lock = threading.Lock()
+
+    def get_lock(self) -> threading.Lock:
+        return self._lock
 
 
 def worklist_options(settings: Settings) -> WorklistOptions:

@@ -3,11 +3,13 @@ request decoding the normalized-service handlers share."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import structlog
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from broker.dicom.association import Request
+from broker.dicom.association import Request, Response
 from broker.workflow.outcome import PROCESSING_FAILURE, Outcome
 
 log = structlog.get_logger(__name__)
@@ -26,11 +28,14 @@ def status_dataset(outcome: Outcome) -> Dataset:
     return status
 
 
-def failure_dataset(status_code: int, comment: str) -> Dataset:
-    """A failure status with an Error Comment (cut to the 64 characters of LO)."""
+def failure_dataset(status_code: int, comment: str, offending: tuple[int, ...] = ()) -> Dataset:
+    """A failure status with an Error Comment (cut to the 64 characters of LO) and, when known, the
+    Offending Element tags."""
     status = Dataset()
     status.Status = status_code
     status.ErrorComment = comment[:64]
+    if offending:
+        status.OffendingElement = list(offending)
     return status
 
 
@@ -44,8 +49,20 @@ def decoded_data_set(request: Request, what: str) -> tuple[Dataset | None, Datas
         return None, failure_dataset(PROCESSING_FAILURE, f"{what} cannot be decoded")
 
 
-def affected_instance_uid(request: Request) -> tuple[str, bool]:
-    """The Affected SOP Instance UID of an N-CREATE, or a new one when the SCU left it to the SCP
-    (PS3.7 10.1.5.1.4); True when assigned here (the response must then carry it)."""
-    given = str(request.command.get("AffectedSOPInstanceUID") or "")
-    return (given, False) if given else (str(generate_uid()), True)
+def answer_n_create(request: Request, create: Callable[[str, Dataset, str], Outcome]) -> Iterator[Response]:
+    """An N-CREATE handed to a domain service's ``create(sop_instance_uid, dataset, calling_ae)``. A request
+    without an Affected SOP Instance UID gets one assigned here, returned in the response (PS3.7
+    10.1.5.1.4)."""
+    sop_instance_uid = str(request.command.get("AffectedSOPInstanceUID") or "")
+    assigned = not sop_instance_uid
+    if assigned:
+        sop_instance_uid = str(generate_uid())
+    dataset, failure = decoded_data_set(request, "attribute list")
+    if dataset is None or failure is not None:
+        yield failure or PROCESSING_FAILURE, None
+        return
+    outcome = create(sop_instance_uid, dataset, request.peer.calling_ae_title)
+    status = status_dataset(outcome)
+    if assigned:
+        status.AffectedSOPInstanceUID = sop_instance_uid
+    yield status, outcome.attribute_list

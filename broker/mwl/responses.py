@@ -28,7 +28,7 @@ from pydicom.sequence import Sequence
 from broker.dicom_json import JsonDataset, JsonElement, element, tag_of, value
 from broker.mwl.identifier import SPS_SEQUENCE, ReturnKey, WorklistQuery
 
-__all__ = ["UTF_8_TERM", "build_response", "dataset_from_json", "response_character_set", "response_json",
+__all__ = ["UTF_8_TERM", "dataset_from_json", "response_character_set", "response_json",
            "select_attributes"]
 
 UTF_8_TERM = "ISO_IR 192"
@@ -40,11 +40,6 @@ _DEFAULT_REPERTOIRE = frozenset({"", "ISO_IR 6", "ISO 2022 IR 6"})
 # VRs built directly by dataset_from_json (text, numbers given as JSON numbers or strings, sequences).
 _DIRECT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "FD", "FL", "IS", "LO", "LT", "PN", "SH", "SL", "SQ",
                          "SS", "ST", "SV", "TM", "UC", "UI", "UL", "UR", "US", "UT", "UV"})
-
-
-def build_response(item: JsonDataset, query: WorklistQuery) -> Dataset:
-    """The response dataset for one matching item."""
-    return dataset_from_json(response_json(item, query))
 
 
 def response_json(item: JsonDataset, query: WorklistQuery) -> JsonDataset:
