@@ -70,6 +70,7 @@ from bench.hl7_throughput import (  # noqa: E402
     latency_summary,
     machine_facts,
     migrate,
+    tree_cpu_seconds,
 )
 
 DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -521,6 +522,11 @@ def _code(status: int) -> str:
 def _client_group(port: int, groups: list[list[Step]], start_at: float, timeout: float, kind: str = "raw"
                   ) -> tuple[list[PairResult], list[str], float]:
     """Several clients as threads of this process; returns their results and this process's CPU seconds."""
+    # Imported here, once, before the threads: ten threads importing pydicom for the first time at once
+    # can meet its modules half initialised ("partially initialized module 'pydicom'").
+    import pydicom.dataset  # noqa: F401
+    import pynetdicom.dsutils  # noqa: F401
+
     cpu = time.process_time()
     outcomes: list[tuple[list[PairResult], list[str]]] = []
     lock = threading.Lock()
@@ -677,6 +683,7 @@ def run(args: argparse.Namespace, report: dict[str, Any]) -> None:
                   f"{args.pairs} create+complete pairs ...",
                   flush=True)
             cpu_before = time.process_time()
+            cpu_at_start = {"broker": tree_cpu_seconds(broker.pid), "worker": tree_cpu_seconds(worker.pid)}
             pair_results, errors, client_cpu = run_clients(dicom_port, steps, args.clients, args.client_mode,
                                                            args.client_processes, args.dimse_timeout, args.client)
             if args.client_mode == "threads":
@@ -694,6 +701,10 @@ def run(args: argparse.Namespace, report: dict[str, Any]) -> None:
             busy_ops = sum((p[3] == 0 and p[2] <= all_busy) + (p[6] == 0 and p[5] <= all_busy) for p in pair_results)
             print("waiting for the status messages to drain ...", flush=True)
             drained, drain_seconds, counts = drain(database_url, args.drain_timeout)
+            # CPU per accepted operation, load and drain together: what each process spends on the work
+            # (less noisy than the rates on a shared machine)
+            cpu_ms_per_op = {name: ((tree_cpu_seconds(proc.pid) or 0.0) - (cpu_at_start[name] or 0.0)) * 1000
+                             / max(ok_ops, 1) for name, proc in (("broker", broker), ("worker", worker))}
             time.sleep(0.5)
             latencies = pipeline_latencies(database_url, steps, pairs, ris)
             result.update({
@@ -709,6 +720,7 @@ def run(args: argparse.Namespace, report: dict[str, Any]) -> None:
                 "set_to_state": latency_summary(latencies.pop("to_state")),
                 "set_to_ris_ack": latency_summary(latencies.pop("to_ris")),
                 "drained": drained, "drain_after_load_s": drain_seconds, "outbox": counts, **latencies,
+                "cpu_ms_per_op": cpu_ms_per_op,
                 "peak_rss_mb": {"broker": samplers[0].peaks_mb(overall=True)["tree"],
                                 "worker": samplers[1].peaks_mb(overall=True)["tree"],
                                 "worker_processes": samplers[1].max_processes},
@@ -774,6 +786,10 @@ def print_report(report: dict[str, Any]) -> None:
     print(f"status events {r['status_events']}, RIS messages {r['ris_messages']} "
           f"({r['ris_control_ids']} control IDs, {r['ris_duplicates']} repeats), drained: {r['drained']} "
           f"({r['drain_after_load_s']:.1f} s after the load), outbox {r['outbox']}")
+    if "cpu_ms_per_op" in r:
+        clients_ms = 1000 * r["client_cpu_s"] / max(r["ok_operations"], 1)
+        print(f"CPU per accepted operation (load + drain): broker {r['cpu_ms_per_op']['broker']:.2f} ms, "
+              f"worker {r['cpu_ms_per_op']['worker']:.2f} ms, clients and test RIS {clients_ms:.2f} ms")
     print(f"peak RSS: broker {r['peak_rss_mb']['broker']:.0f} MB, worker {r['peak_rss_mb']['worker']:.0f} MB "
           f"({r['peak_rss_mb']['worker_processes']} processes)")
     if r["errors"]:

@@ -64,3 +64,19 @@ def element_value(elem: JsonElement | None) -> Any:
 def value(dataset: JsonDataset, keyword: str) -> str:
     """First value of ``keyword`` in ``dataset`` as a string ('' when absent or empty)."""
     return str(element_value(dataset.get(tag_of(keyword))))
+
+
+def has_value(dataset: JsonDataset, keyword: str) -> bool:
+    """Whether ``keyword`` is present with a value (a sequence: with at least one item)."""
+    elem = dataset.get(tag_of(keyword))
+    if not elem or not elem.get("Value"):
+        return False
+    return elem.get("vr") == "SQ" or any(v not in (None, "") for v in elem["Value"])
+
+
+def sequence_items(dataset: JsonDataset, keyword: str) -> list[JsonDataset]:
+    """The items of a sequence attribute ([] when absent or empty)."""
+    elem = dataset.get(tag_of(keyword))
+    if not elem or elem.get("vr") != "SQ":
+        return []
+    return list(elem.get("Value") or [])

@@ -1,9 +1,9 @@
 """The Celery application: Redis (``BROKER_REDIS_URL``) as message broker.
 
 Delivery settings are chosen for "no event lost": tasks are acknowledged late (after they ran), a
-task whose worker died is redelivered, and a worker takes one task at a time. The one task,
-``workers.tasks.run_event``, is idempotent by event id (broker.events.runner), so a redelivery is
-harmless.
+task whose worker died is redelivered, and a worker takes one task at a time. The tasks,
+``workers.tasks.run_events`` (what the relay publishes: a few event ids) and ``workers.tasks.run_event``
+(one), are idempotent by event id (broker.events.runner), so a redelivery is harmless.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from celery import Celery
 from broker.config import Settings
 
 RUN_EVENT = "workers.tasks.run_event"
+RUN_EVENTS = "workers.tasks.run_events"
 
 
 def make_celery_for(redis_url: str) -> Celery:

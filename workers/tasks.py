@@ -35,8 +35,14 @@ def run_event(event_id: str) -> str:
     return runner().run(event_id)
 
 
+def run_events(event_ids: list[str]) -> list[str]:
+    """Perform the outbox events ``event_ids`` one after the other (what the relay publishes)."""
+    return [runner().run(event_id) for event_id in event_ids]
+
+
 def register(app: Celery) -> None:
     """Register the tasks on ``app`` under their fixed names."""
-    from workers.celery_app import RUN_EVENT
+    from workers.celery_app import RUN_EVENT, RUN_EVENTS
 
     app.task(name=RUN_EVENT, ignore_result=True)(run_event)
+    app.task(name=RUN_EVENTS, ignore_result=True)(run_events)

@@ -66,6 +66,7 @@ _NEW_ORDER_LOOKUP = select(
 _INSERT_PROCEDURE = insert(PROCEDURES).returning(PROCEDURES.c.id)
 _INSERT_STEP = insert(STEPS).returning(STEPS.c.id)
 _UPDATE_STEP = update(STEPS).where(STEPS.c.id == bindparam("pk"))
+_STEP_BY_PK = select(STEPS).where(STEPS.c.id == bindparam("pk"))
 _INSERT_TRANSITION = insert(TRANSITIONS)
 # On PostgreSQL a new order of one procedure with one step (the common ORM^O01) is inserted by one
 # statement: see _one_step_order.
@@ -421,13 +422,15 @@ class WorklistService:
 
     @staticmethod
     def _step_row(patient: StoredPatient, item: JsonDataset, now: datetime) -> dict[str, Any]:
-        return {"patient_fk": patient.pk, "item": item, "created_at": now, "updated_at": now,
-                **worklist_item.index_columns(item)}
+        columns = worklist_item.index_columns(item)
+        # the step is also a UPS workitem (broker.ups): its UID, derived from the step's identity
+        columns["ups_instance_uid"] = derived_ups_uid(columns["study_instance_uid"], columns["sps_id"])
+        return {"patient_fk": patient.pk, "item": item, "created_at": now, "updated_at": now, **columns}
 
     def set_step_status(self, step_pk: int, status: StepStatus, cause: Cause) -> bool:
         """Set one step's status (MPPS): recorded as a step transition and followed by its procedure.
         Returns False when the step does not exist or has that status already."""
-        step = self.db.execute(select(STEPS).where(STEPS.c.id == step_pk)).first()
+        step = self.db.execute(_STEP_BY_PK, {"pk": step_pk}).first()
         if step is None or step.sps_status == status:
             return False
         self._set_status(step, status, cause)

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
+from typing import Any
 
 import structlog
 from sqlalchemy import Engine, and_, or_, select, update
@@ -31,7 +32,25 @@ from broker.events.runner import EventRunner, blocked_by_earlier
 
 log = structlog.get_logger(__name__)
 
-Publish = Callable[[str], None]
+# Hands a batch of event ids to the workers (one task per batch with Celery).
+Publish = Callable[[list[str]], None]
+# At most this many events per published task: one task per event cost the relay and the worker about
+# 1 ms of Celery and Redis each; a burst is still spread over several tasks, so over the worker's pool.
+TASK_BATCH_MAX = 10
+TASKS_PER_BURST = 4
+
+
+def task_batches(event_ids: list[str]) -> list[list[str]]:
+    """``event_ids`` cut into about :data:`TASKS_PER_BURST` tasks of at most :data:`TASK_BATCH_MAX` ids."""
+    size = min(TASK_BATCH_MAX, max(1, -(-len(event_ids) // TASKS_PER_BURST)))
+    return [event_ids[i:i + size] for i in range(0, len(event_ids), size)]
+
+
+def _due(now: datetime) -> Any:
+    """SQL condition: the row may be published now."""
+    return or_(and_(OUTBOX.c.status == "pending", OUTBOX.c.next_attempt_at <= now,
+                    or_(OUTBOX.c.lease_until.is_(None), OUTBOX.c.lease_until < now)),
+               and_(OUTBOX.c.status == "running", OUTBOX.c.lease_until < now))
 
 
 class Relay:
@@ -87,40 +106,33 @@ class Relay:
     def run_once(self) -> int:
         """Publish the due events; returns how many were published."""
         now = self.clock()
-        due = or_(and_(OUTBOX.c.status == "pending", OUTBOX.c.next_attempt_at <= now,
-                       or_(OUTBOX.c.lease_until.is_(None), OUTBOX.c.lease_until < now)),
-                  and_(OUTBOX.c.status == "running", OUTBOX.c.lease_until < now))
         with self.engine.connect() as db:
-            rows = list(db.execute(select(OUTBOX.c.id, OUTBOX.c.event_id, OUTBOX.c.attempts)
-                                   .where(due, ~blocked_by_earlier()).order_by(OUTBOX.c.id).limit(self.batch)))
-        if not rows:
+            ids = list(db.execute(select(OUTBOX.c.id).where(_due(now), ~blocked_by_earlier())
+                                  .order_by(OUTBOX.c.id).limit(self.batch)).scalars())
+        if not ids:
             return 0
         # Marked before publishing, in its own short transaction: a worker that takes the task at once
-        # must not find the row locked by the relay (PostgreSQL SKIP LOCKED would skip it). A row a
-        # worker ran meanwhile (attempts changed, running or done) is left alone.
+        # must not find the row locked by the relay (PostgreSQL SKIP LOCKED would skip it). The condition
+        # is checked again row by row, so a row a worker ran meanwhile (running, done, or pending with a
+        # later attempt time) is left alone.
         until = self.clock() + timedelta(seconds=self.lease_seconds)
-        marked: list[tuple[int, str]] = []
         with self.engine.begin() as db:
-            for row in rows:
-                if db.execute(update(OUTBOX).where(
-                        OUTBOX.c.id == row.id, OUTBOX.c.attempts == row.attempts,
-                        or_(OUTBOX.c.status == "pending",
-                            and_(OUTBOX.c.status == "running", OUTBOX.c.lease_until < now)))
-                        .values(status="pending", lease_until=until)).rowcount:
-                    marked.append((row.id, row.event_id))
-        published: list[int] = []
-        for pk, event_id in marked:
+            marked = sorted((row.id, row.event_id) for row in db.execute(
+                update(OUTBOX).where(OUTBOX.c.id.in_(ids), _due(now))
+                .values(status="pending", lease_until=until).returning(OUTBOX.c.id, OUTBOX.c.event_id)))
+        published = 0
+        for batch in task_batches([event_id for _, event_id in marked]):
             try:
-                self.publish(event_id)
+                self.publish(batch)
             except Exception as exc:  # the queue is down: unmark the rest, try again at the next poll
-                log.warning("relay.publish_failed", event_id=event_id, error=f"{type(exc).__name__}: {exc}")
-                unpublished = [p for p, _ in marked if p not in published]
+                log.warning("relay.publish_failed", event_ids=batch, error=f"{type(exc).__name__}: {exc}")
+                unpublished = [pk for pk, _ in marked[published:]]
                 with self.engine.begin() as db:
                     db.execute(update(OUTBOX).where(OUTBOX.c.id.in_(unpublished), OUTBOX.c.status == "pending",
                                                     OUTBOX.c.lease_until == until).values(lease_until=None))
                 break
-            published.append(pk)
-        return len(published)
+            published += len(batch)
+        return published
 
 
 class InProcessWorker:
@@ -130,8 +142,9 @@ class InProcessWorker:
         self.runner = runner
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="event-worker")
 
-    def publish(self, event_id: str) -> None:
-        self.pool.submit(self._run, event_id)
+    def publish(self, event_ids: list[str]) -> None:
+        for event_id in event_ids:
+            self.pool.submit(self._run, event_id)
 
     def _run(self, event_id: str) -> None:
         try:
@@ -144,12 +157,12 @@ class InProcessWorker:
 
 
 def celery_publisher(redis_url: str) -> Publish:
-    """Publishing to Celery on Redis: ``workers.tasks.run_event(event_id)``, failing fast when Redis is down."""
-    from workers.celery_app import RUN_EVENT, make_celery_for
+    """Publishing to Celery on Redis: ``workers.tasks.run_events(event_ids)``, failing fast when Redis is down."""
+    from workers.celery_app import RUN_EVENTS, make_celery_for
 
     app = make_celery_for(redis_url)
 
-    def publish(event_id: str) -> None:
-        app.send_task(RUN_EVENT, args=[event_id], retry=False)
+    def publish(event_ids: list[str]) -> None:
+        app.send_task(RUN_EVENTS, args=[event_ids], retry=False)
 
     return publish

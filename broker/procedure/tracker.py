@@ -39,6 +39,16 @@ _STATE = select(PROCEDURES.c.state).where(PROCEDURES.c.id == bindparam("pk"))
 _MOVE = (update(PROCEDURES).where(PROCEDURES.c.id == bindparam("pk"), PROCEDURES.c.state == bindparam("from_state"))
          .values(state=bindparam("to_state"), updated_at=bindparam("now")))
 _INSERT_TRANSITION = insert(TRANSITIONS)
+# What an HL7 status message says of the procedure, its order and patient, and its first step.
+_RIS_STATUS_FACTS = (
+    select(PROCEDURES.c.id, PROCEDURES.c.order_fk, PROCEDURES.c.accession_number, PROCEDURES.c.requested_procedure_id,
+           PROCEDURES.c.study_instance_uid, PROCEDURES.c.description, ORDERS.c.sender, ORDERS.c.placer_order_number,
+           ORDERS.c.placer_issuer, ORDERS.c.filler_order_number, ORDERS.c.filler_issuer, PATIENTS.c.patient_id,
+           PATIENTS.c.issuer, PATIENTS.c.patient_name)
+    .join(ORDERS, ORDERS.c.id == PROCEDURES.c.order_fk).join(PATIENTS, PATIENTS.c.id == ORDERS.c.patient_fk)
+    .where(PROCEDURES.c.id == bindparam("pk")))
+_FIRST_STEP = (select(STEPS.c.sps_id, STEPS.c.modality).where(STEPS.c.procedure_fk == bindparam("pk"))
+               .order_by(STEPS.c.id).limit(1))
 # States after the outcome of the acquisition (COMPLETED / DISCONTINUED) has been passed.
 _PAST_OUTCOME = {ProcedureState.IMAGES_AVAILABLE, ProcedureState.ARCHIVED, ProcedureState.COMMIT_FAILED}
 
@@ -104,15 +114,8 @@ class ProcedureTracker:
 def ris_status_payload(db: Connection, procedure_pk: int, target: ProcedureState, cause: Cause,
                        now: datetime) -> dict[str, Any]:
     """What the HL7 status message needs, read now: the message is built from the state at this event."""
-    row = db.execute(
-        select(PROCEDURES.c.id, PROCEDURES.c.order_fk, PROCEDURES.c.accession_number,
-               PROCEDURES.c.requested_procedure_id, PROCEDURES.c.study_instance_uid, PROCEDURES.c.description,
-               ORDERS.c.sender, ORDERS.c.placer_order_number, ORDERS.c.placer_issuer, ORDERS.c.filler_order_number,
-               ORDERS.c.filler_issuer, PATIENTS.c.patient_id, PATIENTS.c.issuer, PATIENTS.c.patient_name)
-        .join(ORDERS, ORDERS.c.id == PROCEDURES.c.order_fk).join(PATIENTS, PATIENTS.c.id == ORDERS.c.patient_fk)
-        .where(PROCEDURES.c.id == procedure_pk)).one()
-    step = db.execute(select(STEPS.c.sps_id, STEPS.c.modality).where(STEPS.c.procedure_fk == procedure_pk)
-                      .order_by(STEPS.c.id).limit(1)).first()
+    row = db.execute(_RIS_STATUS_FACTS, {"pk": procedure_pk}).one()
+    step = db.execute(_FIRST_STEP, {"pk": procedure_pk}).first()
     return {
         "procedure_pk": procedure_pk, "order_pk": row.order_fk, "state": str(target),
         "order_status": RIS_ORDER_STATUS[str(target)], "at": now.strftime("%Y%m%d%H%M%S"), "cause": cause.text,

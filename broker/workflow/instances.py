@@ -11,11 +11,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, bindparam, insert, select, update
 
 from broker.store.tables import InstanceAvailability, table_of
 
 INSTANCES = table_of(InstanceAvailability)
+_KNOWN = select(INSTANCES.c.sop_instance_uid).where(INSTANCES.c.sop_instance_uid.in_(bindparam("uids", expanding=True)))
+_INSERT = insert(INSTANCES)
 
 
 @dataclass(frozen=True)
@@ -40,11 +42,10 @@ def record_instances(db: Connection, instances: Iterable[InstanceRef], now: date
     known: set[str] = set()
     uids = list(wanted)
     for start in range(0, len(uids), 500):
-        known.update(db.execute(select(INSTANCES.c.sop_instance_uid)
-                                .where(INSTANCES.c.sop_instance_uid.in_(uids[start:start + 500]))).scalars())
+        known.update(db.execute(_KNOWN, {"uids": uids[start:start + 500]}).scalars())
     new = [_row(i, now) for uid, i in wanted.items() if uid not in known]
     if new:
-        db.execute(insert(INSTANCES), new)
+        db.execute(_INSERT, new)
     for uid in known:
         changes = {k: v for k, v in _row(wanted[uid], now).items() if v not in ("", None)}
         db.execute(update(INSTANCES).where(INSTANCES.c.sop_instance_uid == uid).values(changes))
