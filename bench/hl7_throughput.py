@@ -197,13 +197,14 @@ def broker_env(database_url: str, port: int | None = None) -> dict[str, str]:
         env["BROKER_HL7_HOST"] = "127.0.0.1"
         env["BROKER_DICOM_PORT"] = str(free_port())  # so that a running broker's 11112 does not clash
         env["BROKER_DICOM_HOST"] = "127.0.0.1"
+        env["BROKER_HTTP_PORT"] = str(free_port())  # the status board and API, idle here
     return env
 
 
 def inherited_broker_env() -> dict[str, str]:
     """BROKER_* variables from our environment that the broker will see besides the ones set here."""
     ours = {"BROKER_DATABASE_URL", "BROKER_LOG_LEVEL", "BROKER_HL7_PORT", "BROKER_HL7_HOST", "BROKER_DICOM_PORT",
-            "BROKER_DICOM_HOST"}
+            "BROKER_DICOM_HOST", "BROKER_HTTP_PORT"}
     return {k: v for k, v in sorted(os.environ.items()) if k.startswith("BROKER_") and k not in ours}
 
 

@@ -221,6 +221,7 @@ def broker_env(database_url: str, redis_url: str, ris_port: int, hl7_port: int, 
     env.update(BROKER_DATABASE_URL=database_url, BROKER_REDIS_URL=redis_url,
                BROKER_RIS_HL7_ADDRESS=f"127.0.0.1:{ris_port}", BROKER_HL7_HOST="127.0.0.1",
                BROKER_HL7_PORT=str(hl7_port), BROKER_DICOM_HOST="127.0.0.1", BROKER_DICOM_PORT=str(dicom_port),
+               BROKER_HTTP_PORT=str(free_port()),
                BROKER_AE_TITLE=BROKER_AE, BROKER_LOG_LEVEL=log_level, BROKER_LOG_FORMAT="json")
     return env
 
