@@ -17,6 +17,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"broker {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("run", help="start the broker (HL7 listener)")
+    commands.add_parser("web", help="start only the HTTP server (status board and REST API)")
     worker = commands.add_parser("worker", help="start a Celery worker on BROKER_REDIS_URL")
     worker.add_argument("--concurrency", type=int, default=2)
     db = commands.add_parser("db", help="database schema").add_subparsers(dest="db_command", required=True)
@@ -53,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         logs.configure(settings.log_format, settings.log_level, settings.log_patient_data)
         if args.command == "run":
             asyncio.run(_run(settings))
+        elif args.command == "web":
+            from broker.web.server import serve_alone
+
+            asyncio.run(serve_alone(settings))
         elif args.command == "worker":
             if not settings.redis_url:
                 raise StartupError("'broker worker' needs BROKER_REDIS_URL; with it empty, 'broker run' "

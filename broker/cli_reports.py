@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import ColumnElement, Engine, Row, select
 
 from broker.events.outbox import OUTBOX
 from broker.events.runner import retry_failed
@@ -25,11 +25,21 @@ MPPS = table_of(MppsInstance)
 REQUESTS = table_of(CommitmentRequest)
 
 
+def failed_event_rows(engine: Engine, limit: int | None = None, offset: int = 0) -> list[Row[Any]]:
+    """The failed events, oldest first: id, event_id, kind, attempts, last_error, created_at, ordering_key
+    (shared by ``broker events failed`` and the REST API)."""
+    query = (select(OUTBOX.c.id, OUTBOX.c.event_id, OUTBOX.c.kind, OUTBOX.c.attempts, OUTBOX.c.last_error,
+                    OUTBOX.c.created_at, OUTBOX.c.ordering_key)
+             .where(OUTBOX.c.status == "failed").order_by(OUTBOX.c.id).offset(offset))
+    if limit is not None:
+        query = query.limit(limit)
+    with engine.connect() as db:
+        return list(db.execute(query))
+
+
 def failed_events(engine: Engine) -> str:
     """A table of the failed events: id, kind, attempts, last error, created."""
-    with engine.connect() as db:
-        rows = list(db.execute(select(OUTBOX.c.id, OUTBOX.c.kind, OUTBOX.c.attempts, OUTBOX.c.last_error,
-                                      OUTBOX.c.created_at).where(OUTBOX.c.status == "failed").order_by(OUTBOX.c.id)))
+    rows = failed_event_rows(engine)
     if not rows:
         return "no failed events"
     lines = [f"{'ID':>6}  {'KIND':<15} {'ATTEMPTS':>8}  {'CREATED':<19}  LAST ERROR"]
@@ -46,16 +56,35 @@ def retry_event(engine: Engine, ident: str) -> bool:
 
 def procedure_report(engine: Engine, accession: str, as_json: bool = False) -> str | None:
     """The procedure(s) with ``accession``: state, order numbers, timeline, MPPS and commitment."""
+    reports = procedure_details(engine, PROCEDURES.c.accession_number == accession)
+    if not reports:
+        return None
+    for report in reports:
+        for extra in _DETAIL_ONLY:
+            report.pop(extra)
+        for line in report["timeline"]:
+            line.pop("id")
+    if as_json:
+        return json.dumps(reports if len(reports) > 1 else reports[0], indent=2)
+    return "\n\n".join(_human(r) for r in reports)
+
+
+# Keys of procedure_details that the CLI report does not print (the REST API does).
+_DETAIL_ONLY = ("id", "created_at")
+
+
+def procedure_details(engine: Engine, condition: ColumnElement[bool]) -> list[dict[str, Any]]:
+    """The procedures matching ``condition`` (on requested_procedures) with their timeline, MPPS and
+    commitments, as plain data (shared by ``broker procedure`` and the REST API)."""
     with engine.connect() as db:
         procedures = list(db.execute(
             select(PROCEDURES, ORDERS.c.placer_order_number, ORDERS.c.filler_order_number)
             .join(ORDERS, ORDERS.c.id == PROCEDURES.c.order_fk)
-            .where(PROCEDURES.c.accession_number == accession).order_by(PROCEDURES.c.id)))
-        if not procedures:
-            return None
+            .where(condition).order_by(PROCEDURES.c.id)))
         reports: list[dict[str, Any]] = []
         for p in procedures:
-            timeline = [{"at": t.at.isoformat(sep=" ", timespec="seconds"), "from": t.from_state, "to": t.to_state,
+            timeline = [{"id": t.id, "at": t.at.isoformat(sep=" ", timespec="seconds"), "from": t.from_state,
+                         "to": t.to_state,
                          "cause": t.cause, "event": f"{t.event_kind} {t.event_ref}".strip()}
                         for t in db.execute(select(TRANSITIONS).where(TRANSITIONS.c.procedure_fk == p.id)
                                             .order_by(TRANSITIONS.c.at, TRANSITIONS.c.id))]
@@ -66,14 +95,13 @@ def procedure_report(engine: Engine, accession: str, as_json: bool = False) -> s
                            for r in db.execute(select(REQUESTS).where(REQUESTS.c.procedure_fk == p.id)
                                                .order_by(REQUESTS.c.id))]
             reports.append({
-                "accession_number": p.accession_number, "requested_procedure_id": p.requested_procedure_id,
+                "id": p.id, "created_at": p.created_at, "accession_number": p.accession_number,
+                "requested_procedure_id": p.requested_procedure_id,
                 "study_instance_uid": p.study_instance_uid, "placer_order_number": p.placer_order_number,
                 "filler_order_number": p.filler_order_number, "state": p.state,
                 "scheduled_at": p.created_at.isoformat(sep=" ", timespec="seconds"), "timeline": timeline,
                 "mpps": mpps, "commitments": commitments})
-    if as_json:
-        return json.dumps(reports if len(reports) > 1 else reports[0], indent=2)
-    return "\n\n".join(_human(r) for r in reports)
+    return reports
 
 
 def _human(report: dict[str, Any]) -> str:

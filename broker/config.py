@@ -77,6 +77,7 @@ class Settings(BaseSettings):
     stgcmt_archive_ae: str = ""
     stgcmt_timeout: float = Field(3600, gt=0)
     stgcmt_report_wait: float = Field(5, ge=0)
+    ups_shutdown_wait: float = Field(2, ge=0)
     mpps_forward_aes: str = ""
     ris_hl7_address: str = ""
     ris_status_message_type: Literal["ORM^O01", "OMI^O23", "ORU^R01"] = "ORM^O01"
@@ -88,7 +89,10 @@ class Settings(BaseSettings):
     event_lease_seconds: float = Field(60, gt=0)
     event_poll_interval: float = Field(0.5, gt=0)
 
-    http_port: int = Field(8080, ge=1, le=65535)
+    # --- status board and REST API (issue 6) ---
+    http_host: str = "0.0.0.0"
+    http_port: int = Field(8080, ge=0, le=65535)  # 0 = no HTTP server in 'broker run'
+    api_tokens: str = ""
 
     log_format: Literal["json", "console"] = "json"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -162,6 +166,17 @@ class Settings(BaseSettings):
         if unknown:
             raise ValueError(f"{unknown[0]!r} cannot be reported; one of: {', '.join(RIS_ORDER_STATUS)}")
         return value
+
+    @field_validator("api_tokens")
+    @classmethod
+    def _valid_api_tokens(cls, value: str) -> str:
+        parse_api_tokens(value)
+        return value
+
+    @property
+    def api_token_roles(self) -> dict[str, str]:
+        """``api_tokens`` as token -> role (read or write)."""
+        return parse_api_tokens(self.api_tokens)
 
     @property
     def peers(self) -> dict[str, Peer]:
@@ -248,6 +263,25 @@ def parse_peers(value: str) -> dict[str, Peer]:
             raise ValueError(f"{entry!r}: AE title {title} is listed twice")
         peers[title] = Peer(title, host, port)
     return peers
+
+
+API_ROLES = ("read", "write")
+
+
+def parse_api_tokens(value: str) -> dict[str, str]:
+    """``token:role,...`` (role read or write) as a mapping token -> role; a bad entry raises ValueError.
+
+    The entry is not echoed in the error: it holds a secret.
+    """
+    tokens: dict[str, str] = {}
+    for number, entry in enumerate(_comma_list(value), start=1):
+        token, _, role = entry.rpartition(":")
+        if not token or role not in API_ROLES:
+            raise ValueError(f"entry {number}: each entry is token:role with role read or write")
+        if len(token) < 16:
+            raise ValueError(f"entry {number}: a token has at least 16 characters")
+        tokens[token] = role
+    return tokens
 
 
 def _comma_list(value: str) -> list[str]:

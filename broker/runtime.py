@@ -71,6 +71,9 @@ async def serve(settings: Settings) -> None:
         await asyncio.to_thread(events.stop)
         raise StartupError(f"cannot listen on DICOM port {settings.dicom_port}: {exc.strerror}") from exc
     acceptors = processes.start_acceptors(settings, count, settings.dicom_processes - 1) if several else []
+    from broker.web.server import start_with_broker  # the status board and REST API (issue 6)
+
+    web = await start_with_broker(settings)
     log.info("broker.started", hl7_port=server.port, dicom_port=dicom.port, hl7_processes=settings.hl7_processes,
              dicom_processes=settings.dicom_processes,
              ae_title=settings.ae_title,
@@ -79,8 +82,14 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    # UPS subscribers hear of the start (SCP Status Change, RESTARTED); nothing is queued without any.
+    await asyncio.to_thread(events.workflow.ups.scp_status_change, "RESTARTED")
     await stop.wait()
     log.info("broker.stopping")
+    # ... and of the shutdown (GOING DOWN), delivered while the event path still runs.
+    await asyncio.to_thread(events.workflow.ups.going_down, settings.ups_shutdown_wait)
+    if web is not None:
+        await web.stop()
     await asyncio.to_thread(processes.stop_acceptors, acceptors)
     await asyncio.to_thread(dicom.stop)
     await server.stop()

@@ -44,4 +44,17 @@ fi
 # --- DCMTK -----------------------------------------------------------------------------------------
 command -v findscu >/dev/null && command -v echoscu >/dev/null || apt_install dcmtk
 command -v findscu >/dev/null && echo "dcmtk: $(findscu --version | head -1)" || { echo "dcmtk: could not install"; exit 1; }
+
+# --- Chromium (the status board's browser test; Playwright drives Debian's build, nothing is downloaded) ---
+command -v chromium >/dev/null || apt_install chromium
+command -v chromium >/dev/null && echo "chromium: $(chromium --version 2>/dev/null | head -1)" || { echo "chromium: could not install"; exit 1; }
+
+# --- Node.js + the UPS test's second DICOM client (dcmjs-dimse, tests/js, from its lock file) --------
+command -v node >/dev/null && command -v npm >/dev/null || apt_install nodejs npm
+command -v node >/dev/null || { echo "node: could not install"; exit 1; }
+cd "$(dirname "$0")/.." || exit 1
+if [ ! -d tests/js/node_modules/dcmjs-dimse ] || [ tests/js/package-lock.json -nt tests/js/node_modules/.package-lock.json ]; then
+  npm ci --prefix tests/js --no-audit --no-fund --loglevel=error >/dev/null || { echo "npm: could not install tests/js"; exit 1; }
+fi
+echo "node: $(node --version), dcmjs-dimse $(node -p "require('./tests/js/node_modules/dcmjs-dimse/package.json').version")"
 exit 0

@@ -18,6 +18,7 @@ from broker.dicom.statuses import failure_dataset
 from broker.dicom_json import JsonDataset
 from broker.mwl.finder import WorklistFinder
 from broker.mwl.identifier import IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, IdentifierError
+from broker.web.metrics import CFIND_SECONDS  # Prometheus (issue 6); imports no web stack
 
 log = structlog.get_logger(__name__)
 
@@ -68,7 +69,9 @@ def handle_find(request: Request, finder: WorklistFinder) -> Iterator[FindRespon
         log.exception("mwl.internal_error", calling_ae=calling_ae_title)
         yield failure_dataset(UNABLE_TO_PROCESS, f"internal error ({type(exc).__name__})"), None
         return
+    elapsed = time.perf_counter() - started
+    CFIND_SECONDS.observe(elapsed)
     log.info("mwl.query", calling_ae=calling_ae_title, matches=count,
              unsupported_keys=list(result.unsupported_keys) or None,
-             ms=round((time.perf_counter() - started) * 1000, 2))
+             ms=round(elapsed * 1000, 2))
     yield SUCCESS, None

@@ -17,6 +17,7 @@ import contextlib
 import socket
 import threading
 from collections.abc import Iterator
+from functools import partial
 from importlib.metadata import version
 from typing import Any
 
@@ -32,7 +33,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from sqlalchemy import Engine
 
 from broker.config import Settings
-from broker.dicom import dimse, ian_scp, mpps_scp, pdu, stgcmt_scp
+from broker.dicom import dimse, ian_scp, mpps_scp, pdu, stgcmt_scp, ups_scp
 from broker.dicom.access import CallerPolicy
 from broker.dicom.association import (
     REJECT_CALLING_AE_NOT_RECOGNIZED,
@@ -47,6 +48,7 @@ from broker.dicom.mwl_scp import handle_find
 from broker.dicom.transport import tune_accepted
 from broker.mwl.finder import WorklistFinder
 from broker.mwl.matching import WorklistOptions
+from broker.ups.view import UPS_EVENT, UPS_PULL, UPS_PUSH, UPS_QUERY, UPS_WATCH
 from broker.workflow.build import Workflow
 
 log = structlog.get_logger(__name__)
@@ -145,11 +147,30 @@ class DicomServer:
                           lambda request: mpps_scp.handle_n_set(request, workflow.mpps), TRANSFER_SYNTAXES)
             services.bind(InstanceAvailabilityNotification, dimse.N_CREATE_RQ,
                           lambda request: ian_scp.handle_n_create(request, workflow.ian), TRANSFER_SYNTAXES)
+            self._bind_ups(services, workflow)
             # The archive reports commitment results as the SCP of the class (role selection).
             services.bind(StorageCommitmentPushModel, dimse.N_EVENT_REPORT_RQ,
                           lambda request: stgcmt_scp.handle_n_event_report(request, workflow.commitment),
                           TRANSFER_SYNTAXES, requestor_roles=(True, True))
         return services
+
+    @staticmethod
+    def _bind_ups(services: ServiceSet, workflow: Workflow) -> None:
+        """The five UPS SOP classes (PS3.4 CC): N-SET / N-ACTION / N-GET arrive on the Push, Pull and
+        Watch contexts (the request names the Push class), C-FIND on Pull, Watch and Query."""
+        ups = workflow.ups
+        operations = {
+            dimse.N_CREATE_RQ: (ups_scp.handle_n_create, (UPS_PUSH,)),
+            dimse.N_SET_RQ: (ups_scp.handle_n_set, (UPS_PUSH, UPS_PULL, UPS_WATCH)),
+            dimse.N_GET_RQ: (ups_scp.handle_n_get, (UPS_PUSH, UPS_PULL, UPS_WATCH, UPS_QUERY)),
+            dimse.N_ACTION_RQ: (ups_scp.handle_n_action, (UPS_PUSH, UPS_PULL, UPS_WATCH)),
+            dimse.C_FIND_RQ: (ups_scp.handle_find, (UPS_PULL, UPS_WATCH, UPS_QUERY)),
+        }
+        for command, (handler, classes) in operations.items():
+            for sop_class in classes:
+                services.bind(sop_class, command, partial(handler, ups=ups), TRANSFER_SYNTAXES)
+        # Event: the broker sends the N-EVENT-REPORTs; an SCU that proposes the class is accepted.
+        services.bind(UPS_EVENT, dimse.N_EVENT_REPORT_RQ, _no_event_reports_here, TRANSFER_SYNTAXES)
 
     @property
     def port(self) -> int:
@@ -234,6 +255,10 @@ class DicomServer:
         if self.own_items_only:  # the calling AE title decides which station's items it sees
             finder = finder.for_station(request.peer.calling_ae_title)
         yield from handle_find(request, finder)
+
+
+def _no_event_reports_here(request: Request) -> list[Response]:
+    return [(dimse.UNRECOGNIZED_OPERATION, None)]
 
 
 def _on_echo(request: Request) -> list[Response]:

@@ -25,6 +25,8 @@ from broker.domain import worklist_item
 from broker.domain.records import OrderRecord, PatientKey, PatientRecord, ProcedureRecord
 from broker.domain.states import FINAL, NOT_STARTED, OPEN, StepStatus
 from broker.store.tables import Order, Patient, RequestedProcedure, ScheduledStep, StepTransition, table_of
+from broker.ups import notify as ups_notify
+from broker.ups.identity import derived_ups_uid
 
 if TYPE_CHECKING:
     from broker.procedure.tracker import ProcedureTracker
@@ -442,6 +444,7 @@ class WorklistService:
         worklist_item.set_status(item, status)
         self._write_item(step.id, item, now)
         self._record_transition(step.id, step.sps_status, status, cause, now)
+        ups_notify.step_status_changed(self.db, step, status, now)  # the UPS view's subscribers
         self.procedures.follow_step(self.db, step.procedure_fk, status, cause)
 
     def _record_transition(self, step_pk: int, from_status: str, to_status: str, cause: Cause,

@@ -14,6 +14,7 @@ from broker.events import outbox
 from broker.events.runner import Event, Handler
 from broker.outbound import dicom_peers
 from broker.outbound.ris_hl7 import RisStatusSender
+from broker.outbound.ups_events import build_ups_event_handler
 from broker.stgcmt.service import CommitmentService
 from broker.store.tables import CommitmentItem, CommitmentRequest, table_of
 from broker.workflow.context import WorkflowConfig
@@ -75,4 +76,5 @@ def build_handlers(settings: Settings, engine: Engine,
         commit(dicom_peers.CommitmentRequestMessage(transaction_uid, peers[archive_ae], settings.ae_title,
                                                     referenced))
 
-    return {outbox.RIS_STATUS: ris_status, outbox.MPPS_FORWARD: mpps_forward, outbox.STGCMT_REQUEST: stgcmt_request}
+    return {outbox.RIS_STATUS: ris_status, outbox.MPPS_FORWARD: mpps_forward, outbox.STGCMT_REQUEST: stgcmt_request,
+            outbox.UPS_EVENT: build_ups_event_handler(settings, engine)}

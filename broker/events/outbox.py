@@ -23,6 +23,7 @@ _INSERT = insert(OUTBOX)
 RIS_STATUS = "ris.status"
 MPPS_FORWARD = "mpps.forward"
 STGCMT_REQUEST = "stgcmt.request"
+UPS_EVENT = "ups.event"  # one N-EVENT-REPORT to one UPS subscriber (broker.ups.notify)
 
 
 def add_event(db: Connection, kind: str, payload: dict[str, Any], ordering_key: str, now: datetime) -> str:
@@ -37,6 +38,20 @@ def add_event(db: Connection, kind: str, payload: dict[str, Any], ordering_key: 
                          "last_error": "", "created_at": now, "done_at": None})
     db.info["outbox_added"] = True
     return event_id
+
+
+def add_events(db: Connection, kind: str, events: list[tuple[dict[str, Any], str]], now: datetime) -> list[str]:
+    """:func:`add_event` for many ``(payload, ordering_key)`` at once: one multi-row INSERT (a UPS change
+    queues one event per subscriber; row by row that was a round trip each on PostgreSQL)."""
+    if not events:
+        return []
+    ids = [str(uuid.uuid4()) for _ in events]
+    db.execute(_INSERT, [{"event_id": event_id, "kind": kind, "payload": payload, "ordering_key": key,
+                          "status": "pending", "attempts": 0, "next_attempt_at": now, "lease_until": None,
+                          "last_error": "", "created_at": now, "done_at": None}
+                         for event_id, (payload, key) in zip(ids, events, strict=True)])
+    db.info["outbox_added"] = True
+    return ids
 
 
 def take_added_flag(db: Connection) -> bool:

@@ -30,6 +30,8 @@ from typing import Any
 
 import structlog
 
+from broker.web.metrics import count_hl7_message  # Prometheus (issue 6); imports no web stack
+
 log = structlog.get_logger(__name__)
 
 Peer = tuple[str, int]
@@ -463,9 +465,12 @@ class MLLPServer:
                 raise
             except Exception:
                 conn.log.exception("mllp.handler_failed", bytes=len(message))
+                count_hl7_message(message, None)
                 if self._garbled_reply is None:
                     raise _Close("handler_failed") from None
                 replies = [self._garbled(conn, message)]
+            else:
+                count_hl7_message(message, replies)
         await self._write(conn, replies)
 
     def _garbled(self, conn: _Connection, message: bytes) -> bytes:

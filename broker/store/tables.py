@@ -120,6 +120,9 @@ class ScheduledStep(Base):
     __tablename__ = "scheduled_steps"
     __table_args__ = (
         UniqueConstraint("study_instance_uid", "sps_id", name="uq_steps_study_sps"),
+        # Unique by construction (derived from the unique Study Instance UID + SPS ID, or checked at UPS
+        # N-CREATE), so a plain index: copies of a step's row (tests, tools) need not invent new UIDs.
+        Index("ix_steps_ups_instance_uid", "ups_instance_uid"),
         Index("ix_steps_station_start", "scheduled_station_ae_title", "scheduled_start"),
         Index("ix_steps_modality_start", "modality", "scheduled_start"),
         Index("ix_steps_status_start", "sps_status", "scheduled_start"),
@@ -158,6 +161,9 @@ class ScheduledStep(Base):
     placer_order_number: Mapped[str] = mapped_column(matching_text(64), default="")
     filler_order_number: Mapped[str] = mapped_column(matching_text(64), default="")
     specific_character_set: Mapped[str] = mapped_column(String(64), default="")
+    # The step's SOP Instance UID as a Unified Procedure Step (PS3.4 CC): set when the step is created
+    # (derived from Study Instance UID + SPS ID for HL7 steps, the SCU's for a UPS N-CREATE), never changed.
+    ups_instance_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
     # The whole worklist item as DICOM JSON, exactly one item in its SPS Sequence.
     item: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime)
@@ -370,6 +376,47 @@ class OutboxEvent(Base):
     last_error: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(DateTime)
     done_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class UpsWorkitem(Base):
+    """What a step has as a Unified Procedure Step beyond its worklist item (PS3.4 CC), 1:1 with the step.
+
+    Made only when UPS touches the step (N-CREATE, a claim, N-SET): a step HL7 scheduled that no UPS
+    SCU changed has none. ``attributes``: the UPS attributes set by N-CREATE / N-SET (DICOM JSON), served
+    over the values derived from the worklist item; ``transaction_uid``: the performer's lock while IN
+    PROGRESS; ``performer_ae``: who claimed it (event type 2 goes there).
+    """
+
+    __tablename__ = "ups_workitems"
+
+    step_fk: Mapped[int] = mapped_column(ForeignKey("scheduled_steps.id", ondelete="CASCADE"), primary_key=True)
+    transaction_uid: Mapped[str] = mapped_column(String(64), default="")
+    performer_ae: Mapped[str] = mapped_column(String(16), default="")
+    attributes: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    updated_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class UpsSubscription(Base):
+    """A UPS subscription (PS3.4 CC.2.3): a subscriber AE to one workitem, or global (``workitem_uid``
+    the well-known global instance, optionally filtered by ``matching_keys``, DICOM JSON).
+
+    ``deletion_lock``: the subscriber asked that a final workitem stay until it unsubscribes;
+    ``suspended_at``: a global subscription takes no workitems created after it (N-ACTION type 5).
+    """
+
+    __tablename__ = "ups_subscriptions"
+    __table_args__ = (UniqueConstraint("subscriber_ae", "workitem_uid", name="uq_ups_subscription"),
+                      Index("ix_ups_subscriptions_workitem", "workitem_uid"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    subscriber_ae: Mapped[str] = mapped_column(String(16))
+    workitem_uid: Mapped[str] = mapped_column(String(64))
+    is_global: Mapped[bool] = mapped_column(Boolean, default=False)
+    matching_keys: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    deletion_lock: Mapped[bool] = mapped_column(Boolean, default=False)
+    # When a global subscription was suspended: workitems created later are not covered by it.
+    suspended_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
 
 
 def table_of(model: type[Base]) -> Table:

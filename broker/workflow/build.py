@@ -11,6 +11,7 @@ from broker.config import Settings
 from broker.ian.service import IanService
 from broker.mpps.service import MppsService
 from broker.stgcmt.service import CommitmentService
+from broker.ups.service import UpsService
 from broker.workflow.context import WorkflowConfig
 
 
@@ -21,6 +22,7 @@ class Workflow:
     mpps: MppsService
     ian: IanService
     commitment: CommitmentService
+    ups: UpsService
 
 
 def build_workflow(settings: Settings, engine: Engine, wake: Callable[[], None] | None = None) -> Workflow:
@@ -28,4 +30,5 @@ def build_workflow(settings: Settings, engine: Engine, wake: Callable[[], None] 
     config = WorkflowConfig.from_settings(settings)
     commitment = CommitmentService(engine, config, wake)
     return Workflow(MppsService(engine, config, wake, commitment=commitment),
-                    IanService(engine, config, wake, commitment=commitment), commitment)
+                    IanService(engine, config, wake, commitment=commitment), commitment,
+                    UpsService(engine, config, wake, known_aes=frozenset(settings.peers), uid_root=settings.uid_root))

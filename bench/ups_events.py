@@ -1,0 +1,315 @@
+"""UPS event benchmark (issue 5 §5): 100 subscribers, 1,000 UPS state changes, deliveries/s and the p99
+latency from a change to its N-EVENT-REPORT at the subscriber.
+
+Run it by hand from the repository root (it is not a test and is never collected by pytest)::
+
+    .venv/bin/python bench/ups_events.py                      # 100 subscribers x 1,000 changes, SQLite
+    .venv/bin/python bench/ups_events.py --quick              # 10 subscribers x 100 changes
+    .venv/bin/python bench/ups_events.py --backend postgresql --rate 20
+
+It starts ``broker run`` (embedded queue: relay + in-process worker threads, no Redis) on a fresh
+database, with ``BROKER_DICOM_PEERS`` naming ``--subscribers`` event receivers that run in this process.
+The receivers are cheap: the broker's own acceptor (:mod:`broker.dicom.association`, raw PDUs, no
+pynetdicom) with one handler that timestamps each N-EVENT-REPORT and answers Success. Then:
+
+1. one pynetdicom SCU subscribes every receiver globally (N-ACTION 3 on the global instance);
+2. ``--changes / 2`` orders arrive over HL7 (ORM^O01 as in hl7_throughput.py); a step scheduled by HL7
+   sends no event, so every event counted comes from a timed change;
+3. the SCU claims each workitem (N-ACTION 1, IN PROGRESS) and completes it (N-SET with the final-state
+   attributes, N-ACTION 1, COMPLETED): ``--changes`` state changes, each a State Report to every
+   subscriber, at ``--rate`` changes per second (0 = as fast as the SCU goes);
+4. waits until every receiver has every report (or ``--drain-timeout``).
+
+Reported: deliveries, deliveries/s (from the first change sent to the last report received),
+p50/p95/p99/max latency from the change's N-ACTION being sent to each report arriving (the wall clock of
+this one machine), the SCU's N-ACTION response times, the broker's CPU seconds. Target: p99 < 1 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import socket
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.hl7_throughput import (  # noqa: E402
+    broker_command,
+    free_port,
+    fresh_database,
+    latency_summary,
+    machine_facts,
+    migrate,
+    tree_cpu_seconds,
+)
+from bench.mpps_pipeline import place_orders, spawn, stop, wait_for_port  # noqa: E402
+
+UPS_PUSH = "1.2.840.10008.5.1.4.34.6.1"
+UPS_EVENT = "1.2.840.10008.5.1.4.34.6.4"
+GLOBAL_SUBSCRIPTION = "1.2.840.10008.5.1.4.34.5"
+DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+
+
+# --------------------------------------------------------------------------------------------------
+# the receivers: the broker's own acceptor, one handler
+
+
+@dataclass
+class Receipts:
+    """(workitem UID, state) -> arrival times, over all receivers."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    times: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+    count: int = 0
+
+    def add(self, uid: str, state: str, at: float) -> None:
+        with self.lock:
+            self.times.setdefault((uid, state), []).append(at)
+            self.count += 1
+
+
+class Receiver:
+    """An event receiver on its own port: the broker's acceptor code, accepting the UPS Event class."""
+
+    def __init__(self, ae_title: str, receipts: Receipts) -> None:
+        from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+        from broker.dicom import dimse
+        from broker.dicom.association import ServiceSet
+
+        self.ae_title = ae_title
+        self.receipts = receipts
+        self.services = ServiceSet()
+        for sop_class in (UPS_EVENT, UPS_PUSH):
+            self.services.bind(sop_class, dimse.N_EVENT_REPORT_RQ, self._on_report,
+                               (ExplicitVRLittleEndian, ImplicitVRLittleEndian))
+        self.maximum_length = 65536
+        self.implementation_class_uid = "1.2.826.0.1.3680043.8.498.1"
+        self.implementation_version_name = "UPSBENCH"
+        self.acse_timeout = self.dimse_timeout = self.network_timeout = 60.0
+        self.quickack = True
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+        self.port = int(self.listener.getsockname()[1])
+        self._stopping = False
+        threading.Thread(target=self._accept, name=f"recv-{ae_title}", daemon=True).start()
+
+    def _on_report(self, request: Any) -> list[tuple[int, None]]:
+        at = time.time()
+        uid = str(request.command.get("AffectedSOPInstanceUID") or "")
+        state = str(request.data_set().get("ProcedureStepState", ""))
+        self.receipts.add(uid, state, at)
+        return [(0x0000, None)]
+
+    def _accept(self) -> None:
+        from broker.dicom.association import Association
+
+        while not self._stopping:
+            try:
+                connection, address = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=Association(connection, address, self).run, daemon=True).start()
+
+    def admit(self, request: Any, address: str) -> None:
+        return None
+
+    def leave(self) -> None:
+        return None
+
+    def stop(self) -> None:
+        self._stopping = True
+        self.listener.close()
+
+    def peer(self) -> str:
+        return f"{self.ae_title}@127.0.0.1:{self.port}"
+
+
+# --------------------------------------------------------------------------------------------------
+# the SCU
+
+
+def _scu(port: int) -> Any:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        UnifiedProcedureStepPull,
+        UnifiedProcedureStepPush,
+        UnifiedProcedureStepWatch,
+    )
+
+    ae = AE(ae_title="BENCHSCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    for context in (UnifiedProcedureStepPush, UnifiedProcedureStepPull, UnifiedProcedureStepWatch):
+        ae.add_requested_context(context)
+    assoc = ae.associate("127.0.0.1", port, ae_title="BROKER")
+    if not assoc.is_established:
+        raise RuntimeError("no association with the broker")
+    return assoc
+
+
+def _action(assoc: Any, uid: str, action_type: int, **attributes: str) -> int:
+    from pydicom import Dataset
+
+    info = Dataset()
+    for keyword, value in attributes.items():
+        setattr(info, keyword, value)
+    status, _ = assoc.send_n_action(info, action_type, UPS_PUSH, uid)
+    if not status:
+        raise RuntimeError("no N-ACTION response")
+    return int(status.Status)
+
+
+def _final(transaction_uid: str) -> Any:
+    from pydicom import Dataset
+
+    ds = Dataset()
+    ds.TransactionUID = transaction_uid
+    performed = Dataset()
+    performed.PerformedProcedureStepStartDateTime = "20261201100000"
+    performed.PerformedProcedureStepEndDateTime = "20261201101000"
+    ds.UnifiedProcedureStepPerformedProcedureSequence = [performed]
+    return ds
+
+
+def paced(count: int, rate: float) -> Iterator[int]:
+    """0..count-1, at ``rate`` per second (0 = no pacing)."""
+    started = time.monotonic()
+    for i in range(count):
+        if rate > 0:
+            delay = started + i / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        yield i
+
+
+def run(args: argparse.Namespace, database_url: str, workdir: Path) -> dict[str, Any]:
+    from pydicom.uid import generate_uid
+
+    from broker.ups.identity import derived_ups_uid
+
+    receipts = Receipts()
+    receivers = [Receiver(f"SUB{i:03d}", receipts) for i in range(args.subscribers)]
+    migrate(database_url)
+    hl7_port, dicom_port = free_port(), free_port()
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("BROKER_")}
+    env.update(BROKER_DATABASE_URL=database_url, BROKER_REDIS_URL="", BROKER_HL7_HOST="127.0.0.1",
+               BROKER_HL7_PORT=str(hl7_port), BROKER_DICOM_HOST="127.0.0.1", BROKER_DICOM_PORT=str(dicom_port),
+               BROKER_AE_TITLE="BROKER", BROKER_LOG_LEVEL="WARNING", BROKER_LOG_FORMAT="json",
+               BROKER_DICOM_PEERS=",".join(r.peer() for r in receivers), BROKER_HTTP_PORT="0")
+    broker = spawn("broker", [*broker_command(), "run"], env, workdir)
+    try:
+        wait_for_port(broker, dicom_port)
+        wait_for_port(broker, hl7_port)
+        assoc = _scu(dicom_port)
+        try:
+            for receiver in receivers:
+                status = _action(assoc, GLOBAL_SUBSCRIPTION, 3, ReceivingAE=receiver.ae_title, DeletionLock="FALSE")
+                if status != 0:
+                    raise RuntimeError(f"subscribe {receiver.ae_title}: status {status:#06x}")
+            steps, _ = place_orders(hl7_port, args.changes // 2, database_url)
+            uids = [derived_ups_uid(s.study_uid, s.sps_id) for s in steps]
+            cpu_before = tree_cpu_seconds(broker.pid)
+            sent: dict[tuple[str, str], float] = {}
+            action_times: list[float] = []
+            failures = 0
+            started = time.time()
+            retried = 0
+            for i in paced(len(uids) * 2, args.rate):
+                uid = uids[i // 2]
+                txn = str(generate_uid(entropy_srcs=[uid, "bench"]))
+                state = "IN PROGRESS" if i % 2 == 0 else "COMPLETED"
+                for attempt in range(2):
+                    # pynetdicom as SCU sometimes misses a fast response (it queues it as an unexpected
+                    # request, then waits): associate again and repeat, accepting "already done".
+                    try:
+                        if state == "COMPLETED":
+                            status, _ = assoc.send_n_set(_final(txn), UPS_PUSH, uid)
+                            if not status or status.Status != 0:
+                                raise RuntimeError("no N-SET response")
+                        sent.setdefault((uid, state), time.time())
+                        t0 = time.perf_counter()
+                        status_code = _action(assoc, uid, 1, ProcedureStepState=state, TransactionUID=txn)
+                        action_times.append(time.perf_counter() - t0)
+                        ok = status_code == 0 or (attempt and status_code in (0xC302, 0xB306))
+                        failures += int(not ok)
+                        break
+                    except RuntimeError:
+                        retried += 1
+                        with contextlib.suppress(Exception):
+                            assoc.abort()
+                        assoc = _scu(dicom_port)
+                else:
+                    failures += 1
+            changes_done = time.time()
+            expected = len(sent) * len(receivers)
+            deadline = time.monotonic() + args.drain_timeout
+            while receipts.count < expected and time.monotonic() < deadline:
+                time.sleep(0.05)
+            cpu_after = tree_cpu_seconds(broker.pid)
+        finally:
+            assoc.release()
+    finally:
+        how = stop(broker)
+        for receiver in receivers:
+            receiver.stop()
+    latencies = [at - sent[key] for key, ats in receipts.times.items() if key in sent for at in ats]
+    last = max((at for ats in receipts.times.values() for at in ats), default=started)
+    return {
+        "subscribers": len(receivers), "changes": len(sent), "change_failures": failures,
+        "scu_reassociations": retried,
+        "deliveries_expected": expected, "deliveries": len(latencies),
+        "changes_seconds": round(changes_done - started, 2),
+        "changes_per_s": round(len(sent) / (changes_done - started), 1),
+        "delivery_seconds": round(last - started, 2),
+        "deliveries_per_s": round(len(latencies) / (last - started), 1) if last > started else None,
+        "latency": {k: round(v, 1) for k, v in latency_summary(latencies).items()},
+        "n_action": {k: round(v, 1) for k, v in latency_summary(action_times).items()},
+        "broker_cpu_s": round(cpu_after - cpu_before, 1) if cpu_before is not None and cpu_after is not None else None,
+        "broker_stopped_by": how,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--subscribers", type=int, default=100)
+    parser.add_argument("--changes", type=int, default=1000)
+    parser.add_argument("--rate", type=float, default=0, help="state changes per second (0 = unpaced)")
+    parser.add_argument("--backend", choices=("sqlite", "postgresql"), default="sqlite")
+    parser.add_argument("--pg-url", default=DEFAULT_PG_URL)
+    parser.add_argument("--drain-timeout", type=float, default=600)
+    parser.add_argument("--quick", action="store_true", help="10 subscribers x 100 changes")
+    parser.add_argument("--keep", type=Path, help="keep the database and the broker's log in this directory")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.subscribers, args.changes = 10, 100
+    from broker.logs import configure
+
+    configure("console", "WARNING")  # the receivers run the broker's acceptor code in this process
+    with tempfile.TemporaryDirectory(prefix="ups-bench-") as tmp:
+        workdir = args.keep or Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        with fresh_database(args.backend, args.pg_url, workdir) as database_url:
+            result = run(args, database_url, workdir)
+    report = {"bench": "ups_events", "at": datetime.now(UTC).isoformat(timespec="seconds"),
+              "backend": args.backend, "rate": args.rate, **result, "machine": machine_facts()}
+    print(json.dumps(report, indent=2))
+    latency = report["latency"]["p99_ms"]
+    print(f"\n{report['deliveries']}/{report['deliveries_expected']} deliveries, "
+          f"{report['deliveries_per_s']}/s; change -> event p99 {latency:.0f} ms "
+          f"({'meets' if latency < 1000 else 'misses'} the 1 s target)")
+    return 0 if report["deliveries"] == report["deliveries_expected"] and not report["change_failures"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
