@@ -7,7 +7,8 @@ Run it by hand from the repository root (it is not a test and is never collected
     .venv/bin/python bench/ups_events.py --quick              # 10 subscribers x 100 changes
     .venv/bin/python bench/ups_events.py --backend postgresql --rate 20
 
-It starts ``broker run`` (embedded queue: relay + in-process worker threads, no Redis) on a fresh
+It starts ``broker run`` (embedded queue: relay + in-process worker threads; with ``--redis`` a dedicated
+redis-server and one ``broker worker``, the Celery path of production) on a fresh
 database, with ``BROKER_DICOM_PEERS`` naming ``--subscribers`` event receivers that run in this process.
 The receivers are cheap: the broker's own acceptor (:mod:`broker.dicom.association`, raw PDUs, no
 pynetdicom) with one handler that timestamps each N-EVENT-REPORT and answers Success. Then:
@@ -54,7 +55,7 @@ from bench.hl7_throughput import (  # noqa: E402
     migrate,
     tree_cpu_seconds,
 )
-from bench.mpps_pipeline import place_orders, spawn, stop, wait_for_port  # noqa: E402
+from bench.mpps_pipeline import place_orders, spawn, start_redis, stop, wait_for_port  # noqa: E402
 
 UPS_PUSH = "1.2.840.10008.5.1.4.34.6.1"
 UPS_EVENT = "1.2.840.10008.5.1.4.34.6.4"
@@ -203,11 +204,21 @@ def run(args: argparse.Namespace, database_url: str, workdir: Path) -> dict[str,
     migrate(database_url)
     hl7_port, dicom_port = free_port(), free_port()
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("BROKER_")}
-    env.update(BROKER_DATABASE_URL=database_url, BROKER_REDIS_URL="", BROKER_HL7_HOST="127.0.0.1",
+    helpers = []  # with --redis: a dedicated redis-server and one `broker worker` (Celery), as in production
+    redis_url = ""
+    if args.redis:
+        redis, redis_url = start_redis(workdir)
+        helpers.append(redis)
+    env.update(BROKER_DATABASE_URL=database_url, BROKER_REDIS_URL=redis_url, BROKER_HL7_HOST="127.0.0.1",
                BROKER_HL7_PORT=str(hl7_port), BROKER_DICOM_HOST="127.0.0.1", BROKER_DICOM_PORT=str(dicom_port),
                BROKER_AE_TITLE="BROKER", BROKER_LOG_LEVEL="WARNING", BROKER_LOG_FORMAT="json",
                BROKER_DICOM_PEERS=",".join(r.peer() for r in receivers), BROKER_HTTP_PORT="0")
     broker = spawn("broker", [*broker_command(), "run"], env, workdir)
+    worker = None
+    if args.redis:
+        worker = spawn("worker", [*broker_command(), "worker", "--concurrency", str(args.worker_concurrency)], env,
+                       workdir)
+        helpers.append(worker)
     try:
         wait_for_port(broker, dicom_port)
         wait_for_port(broker, hl7_port)
@@ -220,6 +231,7 @@ def run(args: argparse.Namespace, database_url: str, workdir: Path) -> dict[str,
             steps, _ = place_orders(hl7_port, args.changes // 2, database_url)
             uids = [derived_ups_uid(s.study_uid, s.sps_id) for s in steps]
             cpu_before = tree_cpu_seconds(broker.pid)
+            worker_cpu_before = tree_cpu_seconds(worker.pid) if worker is not None else None
             sent: dict[tuple[str, str], float] = {}
             action_times: list[float] = []
             failures = 0
@@ -257,10 +269,13 @@ def run(args: argparse.Namespace, database_url: str, workdir: Path) -> dict[str,
             while receipts.count < expected and time.monotonic() < deadline:
                 time.sleep(0.05)
             cpu_after = tree_cpu_seconds(broker.pid)
+            worker_cpu_after = tree_cpu_seconds(worker.pid) if worker is not None else None
         finally:
             assoc.release()
     finally:
         how = stop(broker)
+        for helper in reversed(helpers):
+            stop(helper)
         for receiver in receivers:
             receiver.stop()
     latencies = [at - sent[key] for key, ats in receipts.times.items() if key in sent for at in ats]
@@ -276,6 +291,9 @@ def run(args: argparse.Namespace, database_url: str, workdir: Path) -> dict[str,
         "latency": {k: round(v, 1) for k, v in latency_summary(latencies).items()},
         "n_action": {k: round(v, 1) for k, v in latency_summary(action_times).items()},
         "broker_cpu_s": round(cpu_after - cpu_before, 1) if cpu_before is not None and cpu_after is not None else None,
+        "worker_cpu_s": (round(worker_cpu_after - worker_cpu_before, 1)
+                         if worker_cpu_before is not None and worker_cpu_after is not None else None),
+        "queue": f"redis, one broker worker --concurrency {args.worker_concurrency}" if args.redis else "embedded",
         "broker_stopped_by": how,
     }
 
@@ -289,6 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pg-url", default=DEFAULT_PG_URL)
     parser.add_argument("--drain-timeout", type=float, default=600)
     parser.add_argument("--quick", action="store_true", help="10 subscribers x 100 changes")
+    parser.add_argument("--redis", action="store_true",
+                        help="deliver through Celery: a dedicated redis-server and one 'broker worker' "
+                             "(default: the embedded queue of 'broker run')")
+    parser.add_argument("--worker-concurrency", type=int, default=4, help="with --redis: Celery pool processes")
     parser.add_argument("--keep", type=Path, help="keep the database and the broker's log in this directory")
     args = parser.parse_args(argv)
     if args.quick:
