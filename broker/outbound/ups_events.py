@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import socket
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -36,6 +37,9 @@ UPS_EVENT = "1.2.840.10008.5.1.4.34.6.4"
 DRAIN_BATCH = 200  # followers read (and marked done) at a time
 DRAIN_SECONDS = 5.0  # longest one claimed event keeps draining its subscriber's backlog
 FORGET_EVERY = 8
+# An association to a subscriber is kept open this long after its last event, for the next one: opening
+# one per event (TCP, A-ASSOCIATE, A-RELEASE) was most of the worker's CPU per event at a steady rate.
+IDLE_SECONDS = 20.0
 _runs = itertools.count(1)
 MAXIMUM_LENGTH = 65536
 # As the broker's acceptor names itself (broker.dicom.server), without importing the server here.
@@ -54,6 +58,38 @@ _FORGET_EARLIER_DONE = delete(OUTBOX).where(OUTBOX.c.ordering_key == bindparam("
                                             OUTBOX.c.kind == bindparam("kind"))
 
 
+class AssociationPool:
+    """The open associations of this process, one per subscriber, between its events.
+
+    Events of one subscriber run one at a time (their ordering key), so an association is used by one
+    thread at a time: :meth:`take` removes it from the pool, :meth:`give` puts it back after a
+    delivery that went well. One idle longer than :data:`IDLE_SECONDS` is released, not reused.
+    """
+
+    def __init__(self, idle_seconds: float = IDLE_SECONDS) -> None:
+        self.idle_seconds = idle_seconds
+        self._lock = threading.Lock()
+        self._open: dict[str, tuple[EventAssociation, float]] = {}
+
+    def take(self, peer: Peer) -> EventAssociation | None:
+        with self._lock:
+            found = self._open.pop(peer.ae_title, None)
+        if found is None:
+            return None
+        association, since = found
+        if time.monotonic() - since > self.idle_seconds or association.peer != peer:
+            association.close(release=True)
+            return None
+        return association
+
+    def give(self, peer: Peer, association: EventAssociation) -> None:
+        with self._lock:
+            previous = self._open.pop(peer.ae_title, None)
+            self._open[peer.ae_title] = (association, time.monotonic())
+        if previous is not None:
+            previous[0].close(release=True)
+
+
 class UnknownSubscriber(Exception):
     """The subscriber's AE title is not (or no longer) in ``BROKER_DICOM_PEERS``."""
 
@@ -62,6 +98,7 @@ def build_ups_event_handler(settings: Settings, engine: Engine,
                             clock: Callable[[], datetime] = datetime.now) -> Callable[[Event], None]:
     peers = settings.peers
     readers: list[Engine] = []  # made on first use: most processes never deliver a UPS event
+    pool = AssociationPool()
 
     def ups_event(event: Event) -> None:
         subscriber = event.payload["subscriber"]
@@ -71,7 +108,7 @@ def build_ups_event_handler(settings: Settings, engine: Engine,
         if not readers:
             readers.append(make_engine(settings.database_url, pool_size=4, for_reading=True))
         deliver(settings.ae_title, peer, event, engine, settings.dicom_dimse_timeout, clock,
-                drain_seconds=min(DRAIN_SECONDS, settings.event_lease_seconds / 4), reader=readers[0])
+                drain_seconds=min(DRAIN_SECONDS, settings.event_lease_seconds / 4), reader=readers[0], pool=pool)
 
     return ups_event
 
@@ -98,7 +135,7 @@ def _forget_earlier_done(engine: Engine, event: Event) -> None:
 
 def deliver(calling_ae: str, peer: Peer, event: Event, engine: Engine, timeout: float = 30.0,
             clock: Callable[[], datetime] = datetime.now, drain_seconds: float = 5.0,
-            reader: Engine | None = None) -> int:
+            reader: Engine | None = None, pool: AssociationPool | None = None) -> int:
     """Send ``event`` and then the subscriber's due followers on one association, for up to
     ``drain_seconds`` (kept well inside the claim's lease); returns how many were delivered.
 
@@ -116,31 +153,52 @@ def deliver(calling_ae: str, peer: Peer, event: Event, engine: Engine, timeout: 
     delivered = 0
     head_sent = False
     deadline = time.monotonic() + drain_seconds
+    association = pool.take(peer) if pool is not None else None
     try:
-        with EventAssociation(calling_ae, peer, timeout) as association:
+        if association is not None:
+            try:
+                association.send(event.payload)
+                head_sent = True
+            except (OSError, PeerFailure):  # the kept association went stale (the subscriber closed it)
+                association.close(release=False)
+                association = None
+        if association is None:
+            association = EventAssociation(calling_ae, peer, timeout).open()
             association.send(event.payload)
             head_sent = True
-            after = event.id
-            while time.monotonic() < deadline:
-                # read on a reading engine: on SQLite it takes no write lock
-                followers = _due_followers(reader or engine, event.ordering_key, after, clock())
-                if not followers:
-                    break
-                sent: list[int] = []
-                try:
-                    for follower in followers:
-                        association.send(follower.payload)
-                        sent.append(follower.id)
-                finally:
-                    _forget_delivered(engine, sent)
-                    delivered += len(sent)
-                after = followers[-1].id
+        after = event.id
+        while time.monotonic() < deadline:
+            # read on a reading engine: on SQLite it takes no write lock
+            followers = _due_followers(reader or engine, event.ordering_key, after, clock())
+            if not followers:
+                break
+            sent: list[int] = []
+            try:
+                for follower in followers:
+                    association.send(follower.payload)
+                    sent.append(follower.id)
+            finally:
+                _forget_delivered(engine, sent)
+                delivered += len(sent)
+            after = followers[-1].id
     except (OSError, PeerFailure) as exc:
+        if association is not None:
+            association.close(release=False)
+            association = None
         if not head_sent:
             if isinstance(exc, PeerFailure):
                 raise
             raise PeerFailure(f"{peer.ae_title}@{peer.host}:{peer.port}: {exc.strerror or exc}") from exc
         log.warning("ups.event_follower_failed", subscriber=peer.ae_title, error=str(exc))
+    except BaseException:
+        if association is not None:
+            association.close(release=False)
+        raise
+    if association is not None:
+        if pool is not None:
+            pool.give(peer, association)
+        else:
+            association.close(release=True)
     if delivered or next(_runs) % FORGET_EVERY == 0:
         _forget_earlier_done(engine, event)
     log.info("ups.events_delivered", subscriber=peer.ae_title, count=1 + delivered)
@@ -164,6 +222,17 @@ class EventAssociation:
         self.implicit = False
         self.peer_maximum = 16384
         self._buffer = bytearray()
+
+    def open(self) -> EventAssociation:
+        """Connect and associate; raises OSError or :class:`PeerFailure`."""
+        return self.__enter__()
+
+    def close(self, release: bool) -> None:
+        """A-RELEASE (``release``) or A-ABORT, then close the connection; never raises."""
+        if release:
+            self.__exit__(None, None, None)
+        else:
+            self.__exit__(PeerFailure, None, None)
 
     def __enter__(self) -> EventAssociation:
         sock = socket.create_connection((self.peer.host, self.peer.port), timeout=min(self.timeout, 10.0))

@@ -224,3 +224,40 @@ def test_suspended_global_subscription_takes_no_new_workitems(running: tuple[int
         assert (change.info.SCPStatus, change.info.SubscriptionListStatus) == ("RESTARTED", "WARM START")
     finally:
         scu.release()
+
+
+def test_a_subscribers_events_share_one_association_until_it_goes_away(engine: Engine) -> None:
+    """The worker keeps the association to a subscriber open between its events (one association per
+    event was most of the delivery cost at a steady rate); when the subscriber has closed it (restarted
+    here), the next event goes out on a new association, not lost."""
+    from broker.config import Peer
+    from broker.dicom_json import element, tag_of
+    from broker.events.runner import Event
+    from broker.outbound.ups_events import AssociationPool, deliver
+
+    subscriber = Subscriber("KEEPER").start()
+    accepted: list[int] = []
+    subscriber.server.bind(evt.EVT_ACCEPTED, lambda event: accepted.append(1))
+    peer, pool, uid = Peer("KEEPER", "127.0.0.1", subscriber.port), AssociationPool(), str(generate_uid())
+
+    def report(n: int, state: str) -> Event:
+        info = {tag_of("ProcedureStepState"): element("ProcedureStepState", state),
+                tag_of("InputReadinessState"): element("InputReadinessState", "READY")}
+        return Event(n, f"event-{n}", "ups.event", {"subscriber": "KEEPER", "uid": uid, "event_type": 1,
+                                                      "info": info}, "ups-subscriber:KEEPER", 0)
+
+    try:
+        for n, state in enumerate(("SCHEDULED", "IN PROGRESS", "COMPLETED"), start=1):
+            assert deliver("BROKER", peer, report(n, state), engine, timeout=10, pool=pool) == 1
+        assert subscriber.wait_for(3) == [(1, "SCHEDULED"), (1, "IN PROGRESS"), (1, "COMPLETED")]
+        assert len(accepted) == 1
+    finally:
+        for association in subscriber.server.active_associations:  # the subscriber process ends
+            association.abort()
+        subscriber.stop()
+    restarted = Subscriber("KEEPER", port=subscriber.port).start()
+    try:
+        assert deliver("BROKER", peer, report(4, "CANCELED"), engine, timeout=10, pool=pool) == 1
+        assert restarted.wait_for(1) == [(1, "CANCELED")]
+    finally:
+        restarted.stop()
