@@ -9,7 +9,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -50,23 +52,32 @@ def wait_for_port(port: int, process: subprocess.Popen[str], seconds: float = 60
     raise AssertionError("broker did not start listening")
 
 
-@pytest.fixture
-def started(database_url: str, request: pytest.FixtureRequest) -> Iterator[tuple[int, subprocess.Popen[str]]]:
-    processes = getattr(request, "param", "0")
-    port = free_port()
-    env = env_for(database_url, BROKER_HL7_PORT=str(port), BROKER_HL7_PROCESSES=processes,
-                  BROKER_DICOM_PORT=str(free_port()))
+@contextmanager
+def broker_run(env: dict[str, str], *ports: int, stderr: Any = subprocess.PIPE) -> Iterator[subprocess.Popen[str]]:
+    """``broker run`` with ``env`` on a migrated database, once it listens on ``ports``; at the end SIGTERM,
+    and SIGKILL if it has not stopped within 30 s."""
     assert run_cli("db", "upgrade", env=env).returncode == 0
-    process = subprocess.Popen([*BROKER, "run"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen([*BROKER, "run"], cwd=ROOT, env=env, stderr=stderr, text=True)
     try:
-        wait_for_port(port, process)
-        yield port, process
+        for port in ports:
+            wait_for_port(port, process)
+        yield process
     finally:
         process.send_signal(signal.SIGTERM)
         try:
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+@pytest.fixture
+def started(database_url: str, request: pytest.FixtureRequest) -> Iterator[tuple[int, subprocess.Popen[str]]]:
+    processes = getattr(request, "param", "0")
+    port = free_port()
+    env = env_for(database_url, BROKER_HL7_PORT=str(port), BROKER_HL7_PROCESSES=processes,
+                  BROKER_DICOM_PORT=str(free_port()))
+    with broker_run(env, port) as process:
+        yield port, process
 
 
 @pytest.mark.parametrize("started", ["0", "2"], indirect=True, ids=["threads", "worker-processes"])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -13,8 +12,7 @@ import pytest
 from pynetdicom import AE, Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from tests.conftest import ROOT
-from tests.integration.test_cli import BROKER, env_for, free_port, run_cli, wait_for_port
+from tests.integration.test_cli import broker_run, env_for, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -26,17 +24,8 @@ def two_acceptors(tmp_path: Path) -> Iterator[tuple[int, subprocess.Popen[str]]]
     env = env_for(f"sqlite:///{tmp_path / 'broker.db'}", BROKER_HL7_PORT=str(free_port()),
                   BROKER_DICOM_PORT=str(dicom_port), BROKER_DICOM_HOST="127.0.0.1", BROKER_DICOM_PROCESSES="2",
                   BROKER_DICOM_MAX_ASSOCIATIONS="2")
-    assert run_cli("db", "upgrade", env=env).returncode == 0
-    process = subprocess.Popen([*BROKER, "run"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for_port(dicom_port, process)
+    with broker_run(env, dicom_port) as process:
         yield dicom_port, process
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 def associate(port: int) -> Association:

@@ -6,7 +6,6 @@ as ``tests/artifacts/status-board.png`` (the directory's contents are ignored by
 from __future__ import annotations
 
 import shutil
-import signal
 import subprocess
 from collections.abc import Iterator
 from datetime import date
@@ -20,7 +19,7 @@ from pynetdicom.sop_class import ModalityPerformedProcedureStep
 from broker.hl7.mllp_client import MLLPClient
 from tests.conftest import ROOT, sample
 from tests.events_support import mpps_create
-from tests.integration.test_cli import BROKER, env_for, free_port, run_cli, wait_for_port
+from tests.integration.test_cli import broker_run, env_for, free_port
 
 pytestmark = pytest.mark.integration
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -36,18 +35,8 @@ def broker(tmp_path: Path) -> Iterator[tuple[int, int, int]]:
     env = env_for(f"sqlite:///{tmp_path / 'broker.db'}", BROKER_HL7_PORT=str(ports[0]),
                   BROKER_DICOM_PORT=str(ports[1]), BROKER_HTTP_PORT=str(ports[2]), BROKER_HTTP_HOST="127.0.0.1",
                   BROKER_API_TOKENS=f"{TOKEN}:read")
-    assert run_cli("db", "upgrade", env=env).returncode == 0
-    process = subprocess.Popen([*BROKER, "run"], cwd=ROOT, env=env, stderr=subprocess.DEVNULL, text=True)
-    try:
-        for port in ports:
-            wait_for_port(port, process)
+    with broker_run(env, *ports, stderr=subprocess.DEVNULL):
         yield ports
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 def todays_order() -> bytes:
