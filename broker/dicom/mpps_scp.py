@@ -11,8 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from broker.dicom.association import Request, Response
-from broker.dicom.dimse import PROCESSING_FAILURE
-from broker.dicom.statuses import answer_n_create, decoded_data_set, status_dataset
+from broker.dicom.statuses import answer_n_create, answer_with_data_set
 from broker.mpps.service import MppsService
 
 
@@ -23,10 +22,6 @@ def handle_n_create(request: Request, mpps: MppsService) -> Iterator[Response]:
 
 def handle_n_set(request: Request, mpps: MppsService) -> Iterator[Response]:
     """N-SET: the modality updates, completes or discontinues the step."""
-    dataset, failure = decoded_data_set(request, "modification list")
-    if dataset is None or failure is not None:
-        yield failure or PROCESSING_FAILURE, None
-        return
-    outcome = mpps.update(str(request.command.get("RequestedSOPInstanceUID") or ""), dataset,
-                          request.peer.calling_ae_title)
-    yield status_dataset(outcome), outcome.attribute_list
+    uid = str(request.command.get("RequestedSOPInstanceUID") or "")
+    yield from answer_with_data_set(request, "modification list",
+                                    lambda dataset: mpps.update(uid, dataset, request.peer.calling_ae_title))

@@ -66,3 +66,16 @@ def answer_n_create(request: Request, create: Callable[[str, Dataset, str], Outc
     if assigned:
         status.AffectedSOPInstanceUID = sop_instance_uid
     yield status, outcome.attribute_list
+
+
+def answer_with_data_set(request: Request, what: str, call: Callable[[Dataset], Outcome],
+                         attribute_list: bool = True) -> Iterator[Response]:
+    """A request whose data set a domain service takes (N-SET, N-ACTION): 0110 naming ``what`` when it
+    cannot be decoded, else the service's outcome (with its attribute list, unless ``attribute_list`` is
+    False)."""
+    dataset, failure = decoded_data_set(request, what)
+    if dataset is None or failure is not None:
+        yield failure or PROCESSING_FAILURE, None
+        return
+    outcome = call(dataset)
+    yield status_dataset(outcome), outcome.attribute_list if attribute_list else None

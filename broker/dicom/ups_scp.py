@@ -14,8 +14,7 @@ from pydicom.multival import MultiValue
 from sqlalchemy.exc import SQLAlchemyError
 
 from broker.dicom.association import Request, Response
-from broker.dicom.dimse import PROCESSING_FAILURE
-from broker.dicom.statuses import answer_n_create, decoded_data_set, failure_dataset, status_dataset
+from broker.dicom.statuses import answer_n_create, answer_with_data_set, failure_dataset, status_dataset
 from broker.ups.matching import UnsupportedKey
 from broker.ups.service import UpsService
 
@@ -36,12 +35,10 @@ def handle_n_create(request: Request, ups: UpsService) -> Iterator[Response]:
 
 def handle_n_set(request: Request, ups: UpsService) -> Iterator[Response]:
     """N-SET (Pull): the performer (or, while SCHEDULED, anyone) updates the workitem's attributes."""
-    dataset, failure = decoded_data_set(request, "modification list")
-    if dataset is None or failure is not None:
-        yield failure or PROCESSING_FAILURE, None
-        return
-    outcome = ups.set(_requested_uid(request), dataset, request.peer.calling_ae_title)
-    yield status_dataset(outcome), None
+    uid = _requested_uid(request)
+    yield from answer_with_data_set(request, "modification list",
+                                    lambda dataset: ups.set(uid, dataset, request.peer.calling_ae_title),
+                                    attribute_list=False)
 
 
 def handle_n_get(request: Request, ups: UpsService) -> Iterator[Response]:
@@ -58,13 +55,11 @@ def handle_n_get(request: Request, ups: UpsService) -> Iterator[Response]:
 
 def handle_n_action(request: Request, ups: UpsService) -> Iterator[Response]:
     """N-ACTION: change state (1), request cancel (2), subscribe (3), unsubscribe (4), suspend (5)."""
-    dataset, failure = decoded_data_set(request, "action information")
-    if dataset is None or failure is not None:
-        yield failure or PROCESSING_FAILURE, None
-        return
-    outcome = ups.action(_requested_uid(request), int(request.command.get("ActionTypeID", 0)), dataset,
-                         request.peer.calling_ae_title)
-    yield status_dataset(outcome), None
+    uid, action_type = _requested_uid(request), int(request.command.get("ActionTypeID", 0))
+    yield from answer_with_data_set(request, "action information",
+                                    lambda dataset: ups.action(uid, action_type, dataset,
+                                                               request.peer.calling_ae_title),
+                                    attribute_list=False)
 
 
 def handle_find(request: Request, ups: UpsService) -> Iterator[Response]:
