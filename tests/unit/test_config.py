@@ -28,6 +28,12 @@ def test_yaml_documents_every_setting_with_the_model_default() -> None:
         assert str(getattr(defaults, name)) == str(value), name
 
 
+def test_readme_documents_every_setting_by_its_environment_variable() -> None:
+    readme = (ROOT / "README.md").read_text()
+    undocumented = [name for name in Settings.model_fields if f"| `BROKER_{name.upper()}` |" not in readme]
+    assert undocumented == []
+
+
 def test_fixed_names_and_defaults() -> None:
     s = load_settings()
     assert (s.hl7_port, s.dicom_port, s.ae_title, s.http_port) == (2575, 11112, "BROKER", 8080)
