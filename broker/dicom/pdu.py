@@ -224,6 +224,50 @@ def encode_associate_accept(request: AssociateRequest, results: Iterable[Context
     return header(A_ASSOCIATE_AC, len(body)) + body
 
 
+@dataclass(frozen=True)
+class AssociateAccept:
+    """What an A-ASSOCIATE-AC answered, as the requestor reads it. ``maximum_length`` None: the acceptor
+    sent no Maximum Length sub-item; 0: it sets no limit."""
+
+    results: dict[int, ContextResult]
+    maximum_length: int | None = None
+
+
+def encode_associate_request(called_ae_title: str, calling_ae_title: str, contexts: Iterable[ProposedContext],
+                             maximum_length: int, implementation_class_uid: str,
+                             implementation_version_name: str) -> bytes:
+    """An A-ASSOCIATE-RQ (PS3.8 9.3.2) proposing ``contexts``, for the broker as requestor."""
+    variable = [_item(_APPLICATION_CONTEXT, _uid(DICOM_APPLICATION_CONTEXT))]
+    for context in contexts:
+        variable.append(_item(_PRESENTATION_CONTEXT_RQ, struct.pack(">BBBB", context.context_id, 0, 0, 0)
+                              + _item(_ABSTRACT_SYNTAX, _uid(context.abstract_syntax))
+                              + b"".join(_item(_TRANSFER_SYNTAX, _uid(ts)) for ts in context.transfer_syntaxes)))
+    variable.append(_item(_USER_INFORMATION, _item(_MAXIMUM_LENGTH, struct.pack(">L", maximum_length))
+                          + _item(_IMPLEMENTATION_CLASS_UID, _uid(implementation_class_uid))
+                          + _item(_IMPLEMENTATION_VERSION_NAME, implementation_version_name.encode("ascii"))))
+    body = (struct.pack(">HH", 1, 0) + called_ae_title.encode("ascii").ljust(16)[:16]
+            + calling_ae_title.encode("ascii").ljust(16)[:16] + bytes(32) + b"".join(variable))
+    return header(A_ASSOCIATE_RQ, len(body)) + body
+
+
+def parse_associate_accept(body: bytes) -> AssociateAccept:
+    """The body (after the 6-byte header) of an A-ASSOCIATE-AC: each context's result and transfer
+    syntax, and the acceptor's Maximum Length."""
+    if len(body) < 68:
+        raise PduError("A-ASSOCIATE-AC shorter than its fixed fields")
+    results: dict[int, ContextResult] = {}
+    maximum_length: int | None = None
+    for item_type, value in _items(body, 68):
+        if item_type == _PRESENTATION_CONTEXT_AC and len(value) >= 4:
+            syntaxes = [_text(bytes(v)) for t, v in _items(value, 4) if t == _TRANSFER_SYNTAX]
+            results[value[0]] = ContextResult(value[0], value[2], syntaxes[0] if syntaxes else "")
+        elif item_type == _USER_INFORMATION:
+            for sub_type, sub_value in _items(value):
+                if sub_type == _MAXIMUM_LENGTH and len(sub_value) == 4:
+                    (maximum_length,) = struct.unpack(">L", sub_value)
+    return AssociateAccept(results, maximum_length)
+
+
 def encode_associate_reject(result: int, source: int, reason: int) -> bytes:
     """An A-ASSOCIATE-RJ (PS3.8 9.3.4): result 1 permanent / 2 transient, source, reason/diagnostic."""
     return header(A_ASSOCIATE_RJ, 4) + bytes((0, result, source, reason))

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import itertools
 import socket
-import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -263,30 +262,20 @@ class EventAssociation:
 
     def _associate(self) -> None:
         assert self.sock is not None
-        context = struct.pack(">BBBB", 1, 0, 0, 0) + _item(0x30, UPS_EVENT.encode()) \
-            + _item(0x40, ExplicitVRLittleEndian.encode()) + _item(0x40, ImplicitVRLittleEndian.encode())
-        user = _item(0x51, struct.pack(">L", MAXIMUM_LENGTH)) + _item(0x52, IMPLEMENTATION_CLASS_UID.encode()) \
-            + _item(0x55, IMPLEMENTATION_VERSION_NAME.encode())
-        body = (struct.pack(">HH", 1, 0) + self.peer.ae_title.encode("ascii").ljust(16)[:16]
-                + self.calling_ae.encode("ascii").ljust(16)[:16] + bytes(32)
-                + _item(0x10, pdu.DICOM_APPLICATION_CONTEXT.encode()) + _item(0x20, context) + _item(0x50, user))
-        self.sock.sendall(pdu.header(pdu.A_ASSOCIATE_RQ, len(body)) + body)
+        context = pdu.ProposedContext(1, UPS_EVENT, (ExplicitVRLittleEndian, ImplicitVRLittleEndian))
+        self.sock.sendall(pdu.encode_associate_request(self.peer.ae_title, self.calling_ae, [context],
+                                                       MAXIMUM_LENGTH, IMPLEMENTATION_CLASS_UID,
+                                                       IMPLEMENTATION_VERSION_NAME))
         kind, answer = self._read_pdu(self.sock)
         if kind != pdu.A_ASSOCIATE_AC:
             raise PeerFailure(f"{self.peer.ae_title} did not accept the association (PDU type {kind:#04x})")
-        accepted = False
-        for item_type, value in _items(answer[68:]):
-            if item_type == 0x21 and value[0] == 1 and value[2] == pdu.ACCEPTANCE:
-                accepted = True
-                for sub_type, sub_value in _items(value[4:]):
-                    if sub_type == 0x40:
-                        self.implicit = bytes(sub_value).rstrip(b"\x00 ").decode() == ImplicitVRLittleEndian
-            elif item_type == 0x50:
-                for sub_type, sub_value in _items(value):
-                    if sub_type == 0x51:
-                        self.peer_maximum = struct.unpack(">L", sub_value)[0]
-        if not accepted:
+        accept = pdu.parse_associate_accept(answer)
+        if accept.maximum_length is not None:
+            self.peer_maximum = accept.maximum_length
+        result = accept.results.get(context.context_id)
+        if result is None or result.result != pdu.ACCEPTANCE:
             raise PeerFailure(f"{self.peer.ae_title} does not accept the UPS Event SOP Class")
+        self.implicit = result.transfer_syntax == ImplicitVRLittleEndian
 
     def send(self, payload: dict[str, Any]) -> None:
         """One N-EVENT-REPORT; raises :class:`PeerFailure` for a failure status or no response."""
@@ -327,15 +316,3 @@ class EventAssociation:
         del self._buffer[:count]
         return data
 
-
-def _item(item_type: int, value: bytes) -> bytes:
-    return struct.pack(">BBH", item_type, 0, len(value)) + value
-
-
-def _items(body: bytes | memoryview) -> Iterator[tuple[int, memoryview]]:
-    view = memoryview(body)
-    offset = 0
-    while offset + 4 <= len(view):
-        (length,) = struct.unpack_from(">H", view, offset + 2)
-        yield view[offset], view[offset + 4:offset + 4 + length]
-        offset += 4 + length

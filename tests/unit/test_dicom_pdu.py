@@ -99,6 +99,36 @@ def test_associate_accept_decodes_in_pynetdicom() -> None:
     assert (role.sop_class_uid, role.scu_role, role.scp_role) == (STGCMT, False, True)
 
 
+def test_associate_request_as_requestor_decodes_in_pynetdicom() -> None:
+    """The broker as requestor (UPS events to subscribers): its A-ASSOCIATE-RQ read by pynetdicom."""
+    context = pdu.ProposedContext(1, "1.2.840.10008.5.1.4.34.6.4", (ExplicitVRLittleEndian, ImplicitVRLittleEndian))
+    data = pdu.encode_associate_request("SUBSCRIBER", "BROKER", [context], 65536, "1.2.3.4", "WLBROKER_UPS")
+    rq = A_ASSOCIATE_RQ()
+    rq.decode(data)
+    primitive = rq.to_primitive()
+    assert (primitive.called_ae_title, primitive.calling_ae_title) == ("SUBSCRIBER", "BROKER")
+    assert primitive.application_context_name == pdu.DICOM_APPLICATION_CONTEXT
+    [proposed] = primitive.presentation_context_definition_list
+    assert (proposed.context_id, proposed.abstract_syntax) == (1, "1.2.840.10008.5.1.4.34.6.4")
+    assert list(proposed.transfer_syntax) == [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+    user: dict[str, Any] = {type(item).__name__: item for item in primitive.user_information}
+    assert user["MaximumLengthNotification"].maximum_length_received == 65536
+    assert user["ImplementationClassUIDNotification"].implementation_class_uid == "1.2.3.4"
+    assert user["ImplementationVersionNameNotification"].implementation_version_name == "WLBROKER_UPS"
+
+
+def test_associate_accept_is_read_back_per_context() -> None:
+    request = pdu.parse_associate_request(pynetdicom_request()[6:])
+    results = [pdu.ContextResult(1, pdu.ACCEPTANCE, ImplicitVRLittleEndian),
+               pdu.ContextResult(3, pdu.ABSTRACT_SYNTAX_NOT_SUPPORTED, ImplicitVRLittleEndian)]
+    accept = pdu.parse_associate_accept(
+        pdu.encode_associate_accept(request, results, [], 32768, "1.2.3.4", "WLBROKER_010")[6:])
+    assert accept.results == {1: results[0], 3: results[1]}
+    assert accept.maximum_length == 32768
+    with pytest.raises(pdu.PduError):
+        pdu.parse_associate_accept(b"\x00" * 20)
+
+
 def test_truncated_request_is_a_pdu_error() -> None:
     data = pynetdicom_request()[6:]
     with pytest.raises(pdu.PduError):
