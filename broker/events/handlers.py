@@ -11,7 +11,7 @@ from sqlalchemy import Engine, select
 
 from broker.config import Settings
 from broker.events import outbox
-from broker.events.runner import Event, Handler
+from broker.events.runner import BatchHandler, Event, Handler
 from broker.outbound import dicom_peers
 from broker.outbound.ris_hl7 import RisStatusSender
 from broker.outbound.ups_events import build_ups_event_handler
@@ -76,5 +76,9 @@ def build_handlers(settings: Settings, engine: Engine,
         commit(dicom_peers.CommitmentRequestMessage(transaction_uid, peers[archive_ae], settings.ae_title,
                                                     referenced))
 
-    return {outbox.RIS_STATUS: ris_status, outbox.MPPS_FORWARD: mpps_forward, outbox.STGCMT_REQUEST: stgcmt_request,
-            outbox.UPS_EVENT: build_ups_event_handler(settings, engine)}
+    return {outbox.RIS_STATUS: ris_status, outbox.MPPS_FORWARD: mpps_forward, outbox.STGCMT_REQUEST: stgcmt_request}
+
+
+def build_batch_handlers(settings: Settings, engine: Engine) -> dict[str, BatchHandler]:
+    """The kinds whose events of a task are handled together: UPS event reports go out side by side."""
+    return {outbox.UPS_EVENT: build_ups_event_handler(settings, engine)}

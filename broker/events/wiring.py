@@ -13,7 +13,7 @@ import structlog
 from sqlalchemy import Engine
 
 from broker.config import Settings
-from broker.events.handlers import build_handlers
+from broker.events.handlers import build_batch_handlers, build_handlers
 from broker.events.relay import InProcessWorker, Relay, celery_publisher
 from broker.events.runner import EventRunner, RetryPolicy
 from broker.stgcmt.service import CommitmentService
@@ -30,7 +30,8 @@ def retry_policy(settings: Settings) -> RetryPolicy:
 
 def build_runner(settings: Settings, engine: Engine, commitment: CommitmentService | None = None) -> EventRunner:
     """The runner of this process with the handlers the settings configure."""
-    return EventRunner(engine, build_handlers(settings, engine, commitment=commitment), retry_policy(settings))
+    return EventRunner(engine, build_handlers(settings, engine, commitment=commitment), retry_policy(settings),
+                       batch_handlers=build_batch_handlers(settings, engine))
 
 
 def sweep_interval(settings: Settings) -> float:

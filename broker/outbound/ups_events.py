@@ -1,11 +1,12 @@
-"""UPS N-EVENT-REPORTs to subscribers (PS3.4 CC.2.4): the handler of the ``ups.event`` outbox kind.
+"""UPS N-EVENT-REPORTs to subscribers (PS3.4 CC.2.4): the batch handler of the ``ups.event`` outbox kind.
 
-The subscriber's address is its entry in ``BROKER_DICOM_PEERS``. One association carries the event
-the runner claimed and then, in order, the subscriber's other events that are due (for up to
-:data:`DRAIN_SECONDS`): while the claimed event runs, the later events of its ordering key
-(``ups-subscriber:<AE>``) are blocked for every other worker, so taking them here keeps the order and
-spares an association per event. A subscriber that is down fails fast (connection refused) and only
-its own key waits for the retry with backoff; the others' events go on.
+The subscriber's address is its entry in ``BROKER_DICOM_PEERS``. The runner hands over the events a
+task claimed (the heads of their subscribers' keys, ``ups-subscriber:<AE>``); they go out side by side,
+each on its subscriber's association, and then, in order, each subscriber's other events that are due
+(for up to :data:`DRAIN_SECONDS`): while a claimed event runs, the later events of its key are blocked
+for every other worker, so taking them here keeps the order and spares a task per event. A subscriber
+that is down fails fast (connection refused) and only its own key waits for the retry with backoff;
+the others' events go on.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -34,8 +36,8 @@ log = structlog.get_logger(__name__)
 UPS_PUSH = "1.2.840.10008.5.1.4.34.6.1"
 UPS_EVENT = "1.2.840.10008.5.1.4.34.6.4"
 DRAIN_BATCH = 200  # followers read (and marked done) at a time
-DRAIN_SECONDS = 5.0  # longest one claimed event keeps draining its subscriber's backlog
-FORGET_EVERY = 8
+DRAIN_SECONDS = 5.0  # longest one batch keeps draining its subscribers' backlogs
+FORGET_EVERY = 8  # runs between two deletions of done heads (a transaction each time)
 # An association to a subscriber is kept open this long after its last event, for the next one: opening
 # one per event (TCP, A-ASSOCIATE, A-RELEASE) was most of the worker's CPU per event at a steady rate.
 IDLE_SECONDS = 20.0
@@ -44,17 +46,6 @@ MAXIMUM_LENGTH = 65536
 # As the broker's acceptor names itself (broker.dicom.server), without importing the server here.
 IMPLEMENTATION_CLASS_UID = str(generate_uid(prefix=PYDICOM_ROOT_UID, entropy_srcs=["worklist-broker"]))
 IMPLEMENTATION_VERSION_NAME = "WLBROKER_UPS"
-
-
-# Statements built once: building them cost more of the worker's CPU than running them (py-spy).
-_DUE_FOLLOWERS = (select(OUTBOX.c.id, OUTBOX.c.payload).where(
-    OUTBOX.c.ordering_key == bindparam("key"), OUTBOX.c.id > bindparam("after"), OUTBOX.c.status == "pending",
-    OUTBOX.c.next_attempt_at <= bindparam("now")).order_by(OUTBOX.c.id).limit(DRAIN_BATCH))
-_FORGET_DELIVERED = delete(OUTBOX).where(OUTBOX.c.id.in_(bindparam("ids", expanding=True)),
-                                         OUTBOX.c.status == "pending")
-_FORGET_EARLIER_DONE = delete(OUTBOX).where(OUTBOX.c.ordering_key == bindparam("key"),
-                                            OUTBOX.c.id < bindparam("before"), OUTBOX.c.status == "done",
-                                            OUTBOX.c.kind == bindparam("kind"))
 
 
 class AssociationPool:
@@ -93,115 +84,237 @@ class UnknownSubscriber(Exception):
     """The subscriber's AE title is not (or no longer) in ``BROKER_DICOM_PEERS``."""
 
 
+# What a batch handler answers: the events (by ``Event.id``) that were not delivered, and why.
+Failures = dict[int, Exception]
+
+
 def build_ups_event_handler(settings: Settings, engine: Engine,
-                            clock: Callable[[], datetime] = datetime.now) -> Callable[[Event], None]:
+                            clock: Callable[[], datetime] = datetime.now) -> Callable[[list[Event]], Failures]:
+    """The batch handler of the ``ups.event`` kind (see :meth:`EventRunner.run_many`)."""
     peers = settings.peers
     readers: list[Engine] = []  # made on first use: most processes never deliver a UPS event
     pool = AssociationPool()
 
-    def ups_event(event: Event) -> None:
-        subscriber = event.payload["subscriber"]
-        peer = peers.get(subscriber)
-        if peer is None:
-            raise UnknownSubscriber(f"{subscriber} is not in BROKER_DICOM_PEERS")
+    def ups_events(events: list[Event]) -> Failures:
+        failures: Failures = {}
+        batch: list[tuple[Peer, Event]] = []
+        for event in events:
+            subscriber = event.payload["subscriber"]
+            peer = peers.get(subscriber)
+            if peer is None:
+                failures[event.id] = UnknownSubscriber(f"{subscriber} is not in BROKER_DICOM_PEERS")
+            else:
+                batch.append((peer, event))
         if not readers:
             readers.append(make_engine(settings.database_url, pool_size=4, for_reading=True))
-        deliver(settings.ae_title, peer, event, engine, settings.dicom_dimse_timeout, clock,
-                drain_seconds=min(DRAIN_SECONDS, settings.event_lease_seconds / 4), reader=readers[0], pool=pool)
+        delivery = deliver_many(settings.ae_title, batch, engine, settings.dicom_dimse_timeout, clock,
+                                drain_seconds=min(DRAIN_SECONDS, settings.event_lease_seconds / 4),
+                                reader=readers[0], pool=pool)
+        failures.update(delivery.failures)
+        return failures
 
-    return ups_event
+    return ups_events
 
 
-def _due_followers(engine: Engine, ordering_key: str, after: int, now: datetime) -> list[Any]:
-    with engine.connect() as db:
-        return list(db.execute(_DUE_FOLLOWERS, {"key": ordering_key, "after": after, "now": now}))
+_DUE_FOLLOWERS = (select(OUTBOX.c.id, OUTBOX.c.ordering_key, OUTBOX.c.payload).where(
+    OUTBOX.c.ordering_key.in_(bindparam("keys", expanding=True)), OUTBOX.c.status == "pending",
+    OUTBOX.c.next_attempt_at <= bindparam("now")).order_by(OUTBOX.c.id).limit(DRAIN_BATCH))
+_FORGET_DELIVERED = delete(OUTBOX).where(OUTBOX.c.id.in_(bindparam("ids", expanding=True)),
+                                         OUTBOX.c.status == "pending")
+# A key's done rows are all earlier than its head (the event being delivered, not done yet), so one
+# bound, the batch's last head, serves every key of the batch.
+_FORGET_EARLIER_DONE = delete(OUTBOX).where(OUTBOX.c.ordering_key.in_(bindparam("keys", expanding=True)),
+                                            OUTBOX.c.id < bindparam("before"), OUTBOX.c.status == "done",
+                                            OUTBOX.c.kind == bindparam("kind"))
+
+
+@dataclass
+class Delivery:
+    """What :func:`deliver_many` did: the heads not delivered, and how many followers went out."""
+
+    failures: Failures = field(default_factory=dict)
+    followers: int = 0
+
+
+class _Exchange:
+    """One N-EVENT-REPORT on its way: sent, its response not read yet."""
+
+    def __init__(self, peer: Peer, payload: dict[str, Any], association: EventAssociation, reused: bool) -> None:
+        self.peer, self.payload, self.association, self.reused = peer, payload, association, reused
+
+
+def _start(calling_ae: str, peer: Peer, payload: dict[str, Any], timeout: float,
+           pool: AssociationPool | None) -> _Exchange:
+    """Send the request on the subscriber's kept association, or on a new one (raises when neither works)."""
+    association = pool.take(peer) if pool is not None else None
+    if association is not None:
+        try:
+            association.request(payload)
+            return _Exchange(peer, payload, association, reused=True)
+        except (OSError, PeerFailure):  # the kept association went stale (the subscriber closed it)
+            association.close(release=False)
+    association = EventAssociation(calling_ae, peer, timeout).open()
+    try:
+        association.request(payload)
+    except BaseException:
+        association.close(release=False)
+        raise
+    return _Exchange(peer, payload, association, reused=False)
+
+
+def _finish(calling_ae: str, exchange: _Exchange, timeout: float) -> EventAssociation:
+    """Read the response; a kept association that turns out stale is replaced and the report sent again."""
+    try:
+        exchange.association.response(exchange.payload)
+        return exchange.association
+    except (OSError, PeerFailure):
+        exchange.association.close(release=False)
+        if not exchange.reused:
+            raise
+    association = EventAssociation(calling_ae, exchange.peer, timeout).open()
+    try:
+        association.request(exchange.payload)
+        association.response(exchange.payload)
+    except BaseException:
+        association.close(release=False)
+        raise
+    return association
+
+
+def _as_failure(peer: Peer, exc: BaseException) -> Exception:
+    if isinstance(exc, PeerFailure):
+        return exc
+    if isinstance(exc, OSError):
+        return PeerFailure(f"{peer.ae_title}@{peer.host}:{peer.port}: {exc.strerror or exc}")
+    raise exc
+
+
+def deliver_many(calling_ae: str, batch: list[tuple[Peer, Event]], engine: Engine, timeout: float = 30.0,
+                 clock: Callable[[], datetime] = datetime.now, drain_seconds: float = 5.0,
+                 reader: Engine | None = None, pool: AssociationPool | None = None) -> Delivery:
+    """Send each event of ``batch`` (the heads of their subscribers' keys, one per subscriber) and then
+    the subscribers' due followers, for up to ``drain_seconds`` (kept well inside the claim's lease).
+
+    The subscribers are served side by side: every request of a round is sent before any response is
+    read, so one slow subscriber costs the round its own latency once, not once per subscriber before
+    it. (One association carries one request at a time: no asynchronous operations are negotiated.)
+    A head that was not delivered is in the answer's ``failures`` (the runner retries it); a follower
+    that fails stays pending and is published again as its key's head, and the subscriber's other
+    followers wait for it.
+
+    Delivered UPS events leave the outbox: each batch of followers once answered, the earlier heads
+    (done, marked by the runner) after a run that delivered followers and every :data:`FORGET_EVERY`
+    th run. 100 subscribers x 1,000 changes would otherwise add 100,000 done rows, and the ordering
+    check of every pending event (an earlier event of its key not yet done) walks the done rows of its
+    key: the relay's search for due heads grew with them to seconds per poll (measured, SQLite).
+    Failed events stay (``broker events failed`` / ``retry``), and so does the last done head of each
+    subscriber.
+    """
+    delivery = Delivery()
+    deadline = time.monotonic() + drain_seconds
+    open_by_key: dict[str, EventAssociation] = {}
+    peers_by_key: dict[str, Peer] = {}
+    exchanges: list[tuple[Event, _Exchange]] = []
+    try:
+        for peer, event in batch:
+            try:
+                exchanges.append((event, _start(calling_ae, peer, event.payload, timeout, pool)))
+            except (OSError, PeerFailure) as exc:
+                delivery.failures[event.id] = _as_failure(peer, exc)
+        for event, exchange in exchanges:
+            try:
+                open_by_key[event.ordering_key] = _finish(calling_ae, exchange, timeout)
+                peers_by_key[event.ordering_key] = exchange.peer
+            except (OSError, PeerFailure) as exc:
+                delivery.failures[event.id] = _as_failure(exchange.peer, exc)
+        while open_by_key and time.monotonic() < deadline:
+            # read on a reading engine: on SQLite it takes no write lock
+            with (reader or engine).connect() as db:
+                rows = list(db.execute(_DUE_FOLLOWERS, {"keys": sorted(open_by_key), "now": clock()}))
+            if not rows:
+                break
+            queues: dict[str, list[Any]] = {}
+            for row in rows:
+                queues.setdefault(row.ordering_key, []).append(row)
+            sent: list[int] = []
+            try:
+                _drain_side_by_side(queues, open_by_key, sent)
+            finally:
+                _forget_delivered(engine, sent)
+                delivery.followers += len(sent)
+    except BaseException:
+        for association in {id(a): a for a in [*open_by_key.values(), *(x.association for _, x in exchanges)]}.values():
+            association.close(release=False)
+        raise
+    for key, association in open_by_key.items():
+        if pool is not None:
+            pool.give(peers_by_key[key], association)
+        else:
+            association.close(release=True)
+    delivered = [event for _, event in batch if event.id not in delivery.failures]
+    if delivered and (delivery.followers or next(_runs) % FORGET_EVERY == 0):
+        _forget_earlier_done(engine, delivered)
+    if delivered:
+        log.info("ups.events_delivered", subscribers=len(delivered), count=len(delivered) + delivery.followers)
+    return delivery
+
+
+def _drain_side_by_side(queues: dict[str, list[Any]], open_by_key: dict[str, EventAssociation],
+                        sent: list[int]) -> None:
+    """Rounds of one follower per subscriber: all requests of a round, then all responses. A subscriber
+    whose follower fails leaves ``open_by_key`` (its association closed); its rest stay pending."""
+    while queues:
+        round_: list[tuple[str, Any]] = []
+        for key, rows in list(queues.items()):
+            row = rows.pop(0)
+            if not rows:
+                del queues[key]
+            try:
+                open_by_key[key].request(row.payload)
+                round_.append((key, row))
+            except (OSError, PeerFailure) as exc:
+                _drop(key, open_by_key, queues, exc)
+        for key, row in round_:
+            if key not in open_by_key:
+                continue
+            try:
+                open_by_key[key].response(row.payload)
+                sent.append(row.id)
+            except (OSError, PeerFailure) as exc:
+                _drop(key, open_by_key, queues, exc)
+
+
+def _drop(key: str, open_by_key: dict[str, EventAssociation], queues: dict[str, list[Any]],
+          exc: BaseException) -> None:
+    association = open_by_key.pop(key)
+    association.close(release=False)
+    queues.pop(key, None)
+    log.warning("ups.event_follower_failed", subscriber=association.peer.ae_title, error=str(exc))
 
 
 def _forget_delivered(engine: Engine, ids: list[int]) -> None:
-    """Delivered followers leave the outbox (see :func:`deliver`)."""
+    """Delivered followers leave the outbox (see :func:`deliver_many`)."""
     if ids:
         with engine.begin() as db:
             db.execute(_FORGET_DELIVERED, {"ids": ids})
 
 
-def _forget_earlier_done(engine: Engine, event: Event) -> None:
-    """The subscriber's earlier events that are done (the heads of earlier runs) leave the outbox.
-    Every :data:`FORGET_EVERY` th run of a process (a transaction each time would cost more than
-    the few done rows it removes), and after every run that delivered followers."""
+def _forget_earlier_done(engine: Engine, heads: list[Event]) -> None:
+    """The subscribers' earlier events that are done (the heads of earlier runs) leave the outbox."""
     with engine.begin() as db:
-        db.execute(_FORGET_EARLIER_DONE, {"key": event.ordering_key, "before": event.id, "kind": event.kind})
+        db.execute(_FORGET_EARLIER_DONE, {"keys": sorted({e.ordering_key for e in heads}),
+                                          "before": max(e.id for e in heads), "kind": heads[0].kind})
 
 
 def deliver(calling_ae: str, peer: Peer, event: Event, engine: Engine, timeout: float = 30.0,
             clock: Callable[[], datetime] = datetime.now, drain_seconds: float = 5.0,
             reader: Engine | None = None, pool: AssociationPool | None = None) -> int:
-    """Send ``event`` and then the subscriber's due followers on one association, for up to
-    ``drain_seconds`` (kept well inside the claim's lease); returns how many were delivered.
-
-    Raises :class:`PeerFailure` when ``event`` itself was not delivered (the runner retries it); a
-    follower that fails stays pending and is published again as the key's head.
-
-    Delivered UPS events leave the outbox: a batch of followers once answered, the earlier heads
-    (done, marked by the runner) at the end of a run. 100 subscribers x 1,000 changes would otherwise
-    add 100,000 done rows, and the ordering check of every pending event (an earlier event of its key
-    not yet done) walks the done rows of its key: the relay's search for due heads grew with them to
-    seconds per poll (measured, SQLite), holding the write lock. Draining a subscriber's backlog here,
-    rather than one task per event, also keeps the pending rows few. Failed events stay (``broker
-    events failed`` / ``retry``), and so does the last done head of each subscriber.
-    """
-    delivered = 0
-    head_sent = False
-    deadline = time.monotonic() + drain_seconds
-    association = pool.take(peer) if pool is not None else None
-    try:
-        if association is not None:
-            try:
-                association.send(event.payload)
-                head_sent = True
-            except (OSError, PeerFailure):  # the kept association went stale (the subscriber closed it)
-                association.close(release=False)
-                association = None
-        if association is None:
-            association = EventAssociation(calling_ae, peer, timeout).open()
-            association.send(event.payload)
-            head_sent = True
-        after = event.id
-        while time.monotonic() < deadline:
-            # read on a reading engine: on SQLite it takes no write lock
-            followers = _due_followers(reader or engine, event.ordering_key, after, clock())
-            if not followers:
-                break
-            sent: list[int] = []
-            try:
-                for follower in followers:
-                    association.send(follower.payload)
-                    sent.append(follower.id)
-            finally:
-                _forget_delivered(engine, sent)
-                delivered += len(sent)
-            after = followers[-1].id
-    except (OSError, PeerFailure) as exc:
-        if association is not None:
-            association.close(release=False)
-            association = None
-        if not head_sent:
-            if isinstance(exc, PeerFailure):
-                raise
-            raise PeerFailure(f"{peer.ae_title}@{peer.host}:{peer.port}: {exc.strerror or exc}") from exc
-        log.warning("ups.event_follower_failed", subscriber=peer.ae_title, error=str(exc))
-    except BaseException:
-        if association is not None:
-            association.close(release=False)
-        raise
-    if association is not None:
-        if pool is not None:
-            pool.give(peer, association)
-        else:
-            association.close(release=True)
-    if delivered or next(_runs) % FORGET_EVERY == 0:
-        _forget_earlier_done(engine, event)
-    log.info("ups.events_delivered", subscriber=peer.ae_title, count=1 + delivered)
-    return 1 + delivered
+    """:func:`deliver_many` for one event; returns how many reports went out (the event and its
+    followers), or raises :class:`PeerFailure` when ``event`` itself was not delivered."""
+    delivery = deliver_many(calling_ae, [(peer, event)], engine, timeout, clock, drain_seconds, reader, pool)
+    if event.id in delivery.failures:
+        raise delivery.failures[event.id]
+    return 1 + delivery.followers
 
 
 class EventAssociation:
@@ -279,6 +392,11 @@ class EventAssociation:
 
     def send(self, payload: dict[str, Any]) -> None:
         """One N-EVENT-REPORT; raises :class:`PeerFailure` for a failure status or no response."""
+        self.request(payload)
+        self.response(payload)
+
+    def request(self, payload: dict[str, Any]) -> None:
+        """Send the N-EVENT-REPORT request of ``payload`` (its response is read by :meth:`response`)."""
         assert self.sock is not None
         self.message_id = self.message_id % 0xFFFF + 1
         command = dimse.encode_command({
@@ -288,15 +406,30 @@ class EventAssociation:
         data = dimse.encode_data_set(payload["info"], self.implicit)
         self.sock.sendall(pdu.encode_p_data(1, True, command, self.peer_maximum)
                           + pdu.encode_p_data(1, False, data, self.peer_maximum))
-        assembler = dimse.MessageAssembler()
-        while True:
-            kind, body = self._read_pdu(self.sock)
-            if kind != pdu.P_DATA_TF:
-                raise PeerFailure(f"{self.peer.ae_title} answered with PDU type {kind:#04x}")
-            messages = assembler.add(pdu.parse_p_data(body))
-            if messages:
-                break
-        code = int(messages[0].command.get("Status", -1))
+
+    def response(self, payload: dict[str, Any]) -> None:
+        """Read the response to the request of ``payload``; raises :class:`PeerFailure` for a failure
+        status, another PDU or a closed connection."""
+        assert self.sock is not None
+        command, elements, complete = bytearray(), None, False
+        try:
+            while not complete:
+                kind, body = self._read_pdu(self.sock)
+                if kind != pdu.P_DATA_TF:
+                    raise PeerFailure(f"{self.peer.ae_title} answered with PDU type {kind:#04x}")
+                for value in pdu.parse_p_data(body):
+                    if value.is_command:
+                        command += value.data
+                        if value.is_last:
+                            elements = dimse.command_values(bytes(command))
+                            complete = dimse.us_value(elements, "CommandDataSetType",
+                                                      dimse.NO_DATA_SET) == dimse.NO_DATA_SET
+                    elif value.is_last:  # the end of an Event Reply data set (not needed)
+                        complete = elements is not None
+        except pdu.PduError as exc:
+            raise PeerFailure(f"{self.peer.ae_title} answered with a malformed response: {exc}") from exc
+        assert elements is not None
+        code = dimse.us_value(elements, "Status", -1)
         if code < 0 or 0xA000 <= code <= 0xCFFF or code in (0x0110, 0x0112, 0x0113, 0x0122, 0x0211):
             raise PeerFailure(f"{self.peer.ae_title} answered N-EVENT-REPORT {payload['event_type']} with "
                               f"status {code:#06x}")

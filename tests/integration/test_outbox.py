@@ -9,6 +9,7 @@ from datetime import datetime, timedelta
 
 import pytest
 from sqlalchemy import Engine
+from sqlalchemy import event as sqlalchemy_event
 
 from broker.events import outbox as events
 from broker.events.relay import InProcessWorker, Relay
@@ -72,6 +73,48 @@ def test_ordering_key_runs_events_in_order(engine: Engine) -> None:
     assert seen == [other]
     assert runner.run(first) == "done"  # and runs the next of its key at once
     assert seen == [other, first, second]
+
+
+def test_a_batch_shares_its_claim_and_done_transactions_and_keeps_each_keys_order(engine: Engine) -> None:
+    """A task's events are claimed in one transaction and marked done in one (per event that was most of
+    the worker's cost for cheap handlers); a later event of a key in the same batch waits for the earlier
+    one and runs after it in the next round."""
+    seen: list[str] = []
+    runner = EventRunner(engine, {"test": lambda e: seen.append(e.event_id)})
+    first, other, second, third = add(engine, "order:1"), add(engine, "order:2"), add(engine, "order:1"), add(engine)
+    commits: list[int] = []
+
+    def count(connection: object) -> None:
+        commits.append(1)
+
+    sqlalchemy_event.listen(engine, "commit", count)
+    try:
+        results = runner.run_many([second, third, first, other, first])
+    finally:
+        sqlalchemy_event.remove(engine, "commit", count)
+    assert results == ["blocked", "done", "done", "done", "done"]
+    assert seen == [first, other, third, second]  # id order in a round; second in the round after first's
+    # round 1: claim + done; round 2 (second, chained): claim + done
+    assert len(commits) == 4
+    assert {row.status for row in outbox(engine)} == {"done"}
+
+
+def test_a_batch_handler_retries_only_the_events_it_did_not_perform(engine: Engine) -> None:
+    """The UPS event reports of a task go to their subscribers side by side through one batch handler;
+    a subscriber that is down makes its own event retry, not the others'."""
+    batches: list[list[str]] = []
+
+    def deliver(batch: list[Event]) -> dict[int, Exception]:
+        batches.append([event.event_id for event in batch])
+        return {event.id: ConnectionRefusedError("down") for event in batch if event.ordering_key == "sub:down"}
+
+    runner = EventRunner(engine, {}, batch_handlers={"report": deliver})
+    up, down = add(engine, "sub:up", kind="report"), add(engine, "sub:down", kind="report")
+    assert runner.run_many([up, down]) == ["done", "retry"]
+    assert batches == [[up, down]]
+    rows = {row.event_id: row for row in outbox(engine)}
+    assert (rows[up].status, rows[down].status, rows[down].attempts) == ("done", "pending", 1)
+    assert "ConnectionRefusedError: down" in rows[down].last_error
 
 
 def test_failure_backoff_failed_and_retry(engine: Engine, database_url: str) -> None:

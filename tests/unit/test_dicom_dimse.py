@@ -72,3 +72,17 @@ def test_a_command_without_data_set_is_complete_at_once() -> None:
 def test_out_of_order_or_garbled_fragments_are_pdu_errors(values: list[PresentationDataValue]) -> None:
     with pytest.raises(PduError):
         dimse.MessageAssembler().add(values)
+
+
+def test_raw_command_values_give_status_and_data_set_type_as_pydicom_reads_them() -> None:
+    """The event sender reads a response's Status without pydicom: it must agree with pydicom."""
+    encoded = dimse.encode_command({"AffectedSOPClassUID": "1.2.840.10008.5.1.4.34.6.1",
+                                    "CommandField": dimse.N_EVENT_REPORT_RSP, "MessageIDBeingRespondedTo": 7,
+                                    "CommandDataSetType": dimse.NO_DATA_SET, "Status": 0xC310})
+    values = dimse.command_values(encoded)
+    parsed = read_dataset(BytesIO(encoded), is_implicit_VR=True, is_little_endian=True)
+    assert dimse.us_value(values, "Status", -1) == parsed.Status == 0xC310
+    assert dimse.us_value(values, "CommandDataSetType", 0) == dimse.NO_DATA_SET
+    assert dimse.us_value(values, "EventTypeID", -1) == -1  # absent
+    with pytest.raises(PduError):
+        dimse.command_values(encoded[:-1])
