@@ -286,6 +286,18 @@ def tree_cpu_seconds(root: int) -> float | None:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def named_cpu_seconds(name: str) -> float:
+    """User + system CPU time of every live process called ``name`` (e.g. the PostgreSQL server's)."""
+    ticks = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            text = stat.read_text(encoding="ascii", errors="replace")
+            if text[text.index("(") + 1:text.rindex(")")] == name:
+                fields = text[text.rindex(")") + 2:].split()
+                ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def _pss(pid: int) -> int | None:
     with contextlib.suppress(OSError, ValueError, IndexError):
         for line in Path(f"/proc/{pid}/smaps_rollup").read_text(encoding="ascii").splitlines():

@@ -88,6 +88,7 @@ class Settings(BaseSettings):
     event_backoff_max: float = Field(300, gt=0)
     event_lease_seconds: float = Field(60, gt=0)
     event_poll_interval: float = Field(0.5, gt=0)
+    outbox_vacuum_interval: float = Field(10, ge=0)  # PostgreSQL; 0 = autovacuum only
 
     # --- status board and REST API (issue 6) ---
     http_host: str = "0.0.0.0"

@@ -28,7 +28,7 @@ import structlog
 from sqlalchemy import Engine, and_, or_, select, update
 
 from broker.events.outbox import OUTBOX
-from broker.events.runner import EventRunner, blocked_by_earlier
+from broker.events.runner import EventRunner, key_heads
 
 log = structlog.get_logger(__name__)
 
@@ -60,7 +60,7 @@ class Relay:
 
     def __init__(self, engine: Engine, publish: Publish, *, poll_interval: float = 0.5, lease_seconds: float = 60.0,
                  batch: int = 200, sweep: Callable[[], object] | None = None, sweep_every: float = 30.0,
-                 clock: Callable[[], datetime] = datetime.now) -> None:
+                 vacuum_every: float = 0.0, clock: Callable[[], datetime] = datetime.now) -> None:
         self.engine = engine
         self.publish = publish
         self.poll_interval = poll_interval
@@ -68,6 +68,8 @@ class Relay:
         self.batch = batch
         self.sweep = sweep
         self.sweep_every = sweep_every
+        # VACUUM is PostgreSQL's; SQLite reuses the pages of deleted rows by itself
+        self.vacuum_every = vacuum_every if engine.dialect.name == "postgresql" else 0.0
         self.clock = clock
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -89,6 +91,7 @@ class Relay:
 
     def _loop(self) -> None:
         next_sweep = time.monotonic() + self.sweep_every
+        next_vacuum = time.monotonic() + self.vacuum_every
         while not self._stop.is_set():
             self._wake.clear()
             try:
@@ -102,14 +105,29 @@ class Relay:
                     self.sweep()
                 except Exception:
                     log.exception("relay.sweep_failed")
+            if self.vacuum_every and time.monotonic() >= next_vacuum:
+                next_vacuum = time.monotonic() + self.vacuum_every
+                try:
+                    self.vacuum()
+                except Exception:
+                    log.exception("relay.vacuum_failed")
             if published < self.batch:  # a full batch: more may be due at once
                 self._wake.wait(self.poll_interval)
+
+    def vacuum(self) -> None:
+        """``VACUUM ANALYZE outbox`` (PostgreSQL): the outbox is a queue, each row inserted, updated two or
+        three times and deleted or marked done within seconds. Between autovacuum's runs (a minute
+        apart at best) its dead rows and stale statistics made the due-event search walk tens of
+        thousands of dead index entries (50-140 ms a poll at 800 UPS event reports/s, measured); a
+        vacuum of the small live table takes well under 0.1 s."""
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as db:
+            db.exec_driver_sql("VACUUM ANALYZE outbox")
 
     def run_once(self) -> int:
         """Publish the due events; returns how many were published."""
         now = self.clock()
         with self.engine.connect() as db:
-            ids = list(db.execute(select(OUTBOX.c.id).where(_due(now), ~blocked_by_earlier())
+            ids = list(db.execute(select(OUTBOX.c.id).where(_due(now), key_heads())
                                   .order_by(OUTBOX.c.id).limit(self.batch)).scalars())
         if not ids:
             return 0

@@ -29,7 +29,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
-from sqlalchemy import Connection, Engine, and_, bindparam, exists, func, or_, select, update
+from sqlalchemy import Connection, Engine, and_, bindparam, exists, func, or_, select, text, update
 
 from broker.events.outbox import OUTBOX
 from broker.store.tables import OutboxEvent, table_of
@@ -71,10 +71,23 @@ def backoff_delay(attempts: int, base: float, maximum: float) -> float:
     return float(min(maximum, base * 2 ** max(0, attempts - 1)))
 
 
+# "not done" as the partial index ix_outbox_open states it: with the literal (not a bound parameter) the
+# planner knows the index covers the condition.
+NOT_DONE = text("status != 'done'")
+_EARLIER_NOT_DONE = text("earlier.status != 'done'")
+
+
 def blocked_by_earlier() -> Any:
     """SQL condition: an earlier event with the same (non-empty) ordering key is not done yet."""
     return exists().where(_EARLIER.c.ordering_key == OUTBOX.c.ordering_key, OUTBOX.c.ordering_key != "",
-                          _EARLIER.c.id < OUTBOX.c.id, _EARLIER.c.status != "done")
+                          _EARLIER.c.id < OUTBOX.c.id, _EARLIER_NOT_DONE)
+
+
+def key_heads() -> Any:
+    """SQL condition: the event is the first not done of its key, or has no key (it may run now)."""
+    heads = (select(func.min(OUTBOX.c.id)).where(OUTBOX.c.ordering_key != "", NOT_DONE)
+             .group_by(OUTBOX.c.ordering_key).correlate(None))
+    return or_(OUTBOX.c.ordering_key == "", OUTBOX.c.id.in_(heads))
 
 
 # The runner's statements, built once: building a statement and its cache key cost more CPU than

@@ -69,7 +69,7 @@ class EventPath:
             publish = worker.publish
         relay = Relay(engine, publish, poll_interval=settings.event_poll_interval,
                       lease_seconds=settings.event_lease_seconds, sweep=commitment.sweep_timeouts,
-                      sweep_every=sweep_interval(settings))
+                      sweep_every=sweep_interval(settings), vacuum_every=settings.outbox_vacuum_interval)
         wakers.append(relay.wake)
         if worker is not None:
             worker.runner.on_done = relay.wake  # a done event may unblock the next of its key

@@ -362,6 +362,9 @@ class OutboxEvent(Base):
         CheckConstraint("status IN ('pending', 'running', 'done', 'failed')", name="ck_outbox_status"),
         Index("ix_outbox_due", "status", "next_attempt_at"),
         Index("ix_outbox_ordering", "ordering_key", "id"),
+        # the events not done yet, per key: the relay's search for each key's head (migration 0005)
+        Index("ix_outbox_open", "ordering_key", "id", sqlite_where=text("status != 'done'"),
+              postgresql_where=text("status != 'done'")),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
