@@ -6,8 +6,8 @@ networking: input is records (DICOM JSON), output is stored rows, failures are :
 
 The statements are SQLAlchemy Core on the ORM's tables: the intake's hot path costs a handful of
 statements per order, which the ORM's unit of work made several times slower on this hardware. On
-PostgreSQL, where each statement is a network round trip, a new order's four inserts are one
-statement (see :func:`_one_step_order`).
+PostgreSQL, where each statement is a network round trip, a new order's four inserts (five with a
+new patient) are one statement (see :func:`_one_step_order`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,21 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from sqlalchemy import Connection, Row, Select, Table, and_, bindparam, delete, insert, literal, or_, select, update
+from sqlalchemy import (
+    Connection,
+    Insert,
+    Row,
+    Select,
+    Table,
+    and_,
+    bindparam,
+    delete,
+    insert,
+    literal,
+    or_,
+    select,
+    update,
+)
 
 from broker.dicom_json import JsonDataset, element, tag_of, value
 from broker.domain import worklist_item
@@ -39,12 +53,26 @@ PROCEDURES = table_of(RequestedProcedure)
 STEPS = table_of(ScheduledStep)
 TRANSITIONS = table_of(StepTransition)
 
+
+@dataclass(frozen=True)
+class _KeyedInsert:
+    """An INSERT of one row whose new key the caller needs, in two forms (see _insert_row): with
+    RETURNING (PostgreSQL) and without (SQLite, which reports the key as the cursor's lastrowid)."""
+
+    returning: Insert
+    plain: Insert
+
+
+def _keyed_insert(table: Table) -> _KeyedInsert:
+    return _KeyedInsert(insert(table).returning(table.c.id), insert(table))
+
+
 # Statements of the hot path, built once: executing a prebuilt statement with a parameter dict skips
 # SQLAlchemy's per-call construction and cache-key work (measured: about half of the CPU per order).
 _PATIENT_BY_KEY = select(PATIENTS).where(PATIENTS.c.patient_id == bindparam("patient_id"),
                                          PATIENTS.c.issuer == bindparam("issuer"))
 _PATIENT_BY_PK = select(PATIENTS).where(PATIENTS.c.id == bindparam("pk"))
-_INSERT_PATIENT = insert(PATIENTS).returning(PATIENTS.c.id)
+_INSERT_PATIENT = _keyed_insert(PATIENTS)
 _UPDATE_PATIENT = update(PATIENTS).where(PATIENTS.c.id == bindparam("pk"))
 # One lookup by placer or filler order number; an empty number matches nothing.
 _ORDER_BY_NUMBER = select(ORDERS).where(or_(
@@ -53,7 +81,7 @@ _ORDER_BY_NUMBER = select(ORDERS).where(or_(
     and_(bindparam("filler") != "", ORDERS.c.filler_order_number == bindparam("filler"),
          ORDERS.c.filler_issuer == bindparam("filler_issuer")),
 )).order_by(ORDERS.c.id)
-_INSERT_ORDER = insert(ORDERS).returning(ORDERS.c.id)
+_INSERT_ORDER = _keyed_insert(ORDERS)
 _STEP_BY_KEY = select(STEPS.c.id).where(STEPS.c.study_instance_uid == bindparam("study_instance_uid"),
                                         STEPS.c.sps_id == bindparam("sps_id"))
 # A new order's three checks in one round trip: the patient row (NULLs when unknown), whether the
@@ -65,8 +93,8 @@ _NEW_ORDER_LOOKUP = select(
     _STEP_BY_KEY.limit(1).scalar_subquery().label("clashing_step_id"),
 ).select_from(_ANCHOR.outerjoin(PATIENTS, and_(PATIENTS.c.patient_id == bindparam("patient_id"),
                                                PATIENTS.c.issuer == bindparam("issuer"))))
-_INSERT_PROCEDURE = insert(PROCEDURES).returning(PROCEDURES.c.id)
-_INSERT_STEP = insert(STEPS).returning(STEPS.c.id)
+_INSERT_PROCEDURE = _keyed_insert(PROCEDURES)
+_INSERT_STEP = _keyed_insert(STEPS)
 _UPDATE_STEP = update(STEPS).where(STEPS.c.id == bindparam("pk"))
 _STEP_BY_PK = select(STEPS).where(STEPS.c.id == bindparam("pk"))
 _INSERT_TRANSITION = insert(TRANSITIONS)
@@ -75,19 +103,39 @@ _INSERT_TRANSITION = insert(TRANSITIONS)
 _SHARED_COLUMNS = {"created_at": "now", "updated_at": "now", "at": "now", "patient_fk": "patient_fk"}
 
 
-def _one_step_order() -> Select[Any]:
+# A new patient's columns that the statement with_patient=True takes from its step's columns (the
+# step's item carries the patient's attributes, so they are equal: checked before it is used).
+_PATIENT_FROM_STEP = {"patient_id": "patient_id", "issuer": "issuer_of_patient_id", "patient_name": "patient_name",
+                      "birth_date": "patient_birth_date", "sex": "patient_sex"}
+
+
+def _one_step_order(*, with_patient: bool = False) -> Select[Any]:
     """One statement that inserts an order, its procedure, its step and the step's first transition:
     INSERT ... RETURNING in WITH, each row taking its parent's key from the one before. It returns
-    the order's key.
+    the order's key. ``with_patient``: it also inserts the order's new patient (CTE ``a``), whose key
+    order and step take, which saves the patient's own round trip.
 
     Parameters are named after the columns, prefixed ``o_`` (order), ``p_`` (procedure), ``s_``
     (step) and ``t_`` (transition), except the shared ``now`` and ``patient_fk``: psycopg caches the
-    conversion of a statement of at most 50 parameters, and this one has 44. Only for one row per
-    table: the sub-statements of WITH run in no fixed order, so sibling rows could get their keys
-    out of message order. PostgreSQL only: SQLite has no INSERT inside WITH.
+    conversion of a statement of at most 50 parameters (and 4096 bytes), and this one has 44. The new
+    patient adds one, ``a_attributes``: its other columns are the step's (see _PATIENT_FROM_STEP). Only
+    for one row per table: the sub-statements of WITH run in no fixed order, so sibling rows could get
+    their keys out of message order. PostgreSQL only: SQLite has no INSERT inside WITH.
     """
-    shared = {"now": bindparam("now", type_=ORDERS.c.created_at.type),
-              "patient_fk": bindparam("patient_fk", type_=ORDERS.c.patient_fk.type)}
+    params: dict[str, Any] = {}
+
+    def param(name: str, column: Any) -> Any:
+        return params.setdefault(name, bindparam(name, type_=column.type))
+
+    shared = {"now": param("now", ORDERS.c.created_at), "patient_fk": param("patient_fk", ORDERS.c.patient_fk)}
+    patient = None
+    if with_patient:
+        values = {name: param("s_" + step_column, STEPS.c[step_column])
+                  for name, step_column in _PATIENT_FROM_STEP.items()}
+        patient = insert(PATIENTS).values({
+            **values, "attributes": param("a_attributes", PATIENTS.c.attributes),
+            "created_at": shared["now"], "updated_at": shared["now"]}).returning(PATIENTS.c.id).cte("a")
+        shared["patient_fk"] = select(patient.c.id).scalar_subquery()
 
     def row(table: Table, prefix: str, parent: str = "", parent_key: Any = None) -> Any:
         columns: dict[str, Any] = {}
@@ -97,16 +145,18 @@ def _one_step_order() -> Select[Any]:
             elif column.name == parent:
                 columns[column.name] = select(parent_key).scalar_subquery()
             elif column.name != "id":
-                columns[column.name] = bindparam(prefix + column.name, type_=column.type)
+                columns[column.name] = param(prefix + column.name, column)
         return insert(table).values(columns).returning(table.c.id).cte(prefix.rstrip("_"))
 
     order = row(ORDERS, "o_")
     procedure = row(PROCEDURES, "p_", "order_fk", order.c.id)
     step = row(STEPS, "s_", "procedure_fk", procedure.c.id)
-    return select(order.c.id).add_cte(procedure, step, row(TRANSITIONS, "t_", "step_fk", step.c.id))
+    statement = select(order.c.id).add_cte(procedure, step, row(TRANSITIONS, "t_", "step_fk", step.c.id))
+    return statement.add_cte(patient) if patient is not None else statement
 
 
 _INSERT_ONE_STEP_ORDER = _one_step_order()
+_INSERT_ONE_STEP_ORDER_AND_PATIENT = _one_step_order(with_patient=True)
 
 
 class DomainError(Exception):
@@ -155,6 +205,17 @@ class WorklistService:
         self.procedures = procedures
         # one round trip instead of one per row (each costs ~0.4 ms of wall time on PostgreSQL)
         self._one_statement_orders = connection.dialect.name == "postgresql"
+        # On SQLite a new row's key is the cursor's lastrowid (every table's INTEGER PRIMARY KEY is its
+        # rowid): RETURNING would cost a result set per insert, ~10-15 us of CPU each (measured), three
+        # or four times per new order.
+        self._keys_from_lastrowid = connection.dialect.name == "sqlite"
+
+    def _insert_row(self, statement: _KeyedInsert, params: dict[str, Any]) -> int:
+        """Insert one row; returns its primary key."""
+        if self._keys_from_lastrowid:
+            return int(self.db.execute(statement.plain, params).lastrowid)
+        pk: int = self.db.execute(statement.returning, params).scalar_one()
+        return pk
 
     # --- patients ----------------------------------------------------------------------------------
     def _patient_row(self, key: PatientKey) -> Row[Any] | None:
@@ -165,10 +226,9 @@ class WorklistService:
 
     def _insert_patient(self, key: PatientKey, attributes: JsonDataset) -> int:
         now = self.clock()
-        pk: int = self.db.execute(_INSERT_PATIENT, {
+        return self._insert_row(_INSERT_PATIENT, {
             "patient_id": key.patient_id, "issuer": key.issuer, "created_at": now, "updated_at": now,
-            **_patient_columns(attributes)}).scalar_one()
-        return pk
+            **_patient_columns(attributes)})
 
     def _surviving_row(self, row: Row[Any]) -> Row[Any]:
         seen = {row.id}
@@ -297,16 +357,21 @@ class WorklistService:
             raise _duplicate_step(first_uid, first_sps)
         for study_instance_uid, sps_id in steps[1:]:
             self._check_step_is_new(study_instance_uid, sps_id)
-        patient = self._upsert_patient(patient_record, found if found.id is not None else None)
+        one_statement = self._one_statement_orders and len(record.procedures) == 1 and len(steps) == 1
+        if one_statement and found.id is None:  # a new patient: inserted by the order's statement
+            attributes = {**patient_record.attributes, **_identity_attributes(patient_record.key)}
+            patient = StoredPatient(0, patient_record.key, attributes)  # its key is not known here
+        else:
+            patient = self._upsert_patient(patient_record, found if found.id is not None else None)
         now = self.clock()
         order = {
             "patient_fk": patient.pk, "sender": sender[:200], "placer_order_number": record.placer_order_number,
             "placer_issuer": record.placer_issuer, "filler_order_number": record.filler_order_number,
             "filler_issuer": record.filler_issuer, "order_control": record.order_control,
             "order_status": record.order_status, "created_at": now, "updated_at": now}
-        if self._one_statement_orders and len(record.procedures) == 1 and len(steps) == 1:
-            return self._place_one_step_order(order, patient, record, cause, now)
-        order_pk = self.db.execute(_INSERT_ORDER, order).scalar_one()
+        if one_statement:
+            return self._place_one_step_order(order, patient, record, cause, now, new_patient=found.id is None)
+        order_pk = self._insert_row(_INSERT_ORDER, order)
         created = 0
         for procedure_record in record.procedures:
             procedure_pk = self._add_procedure(order_pk, procedure_record, now)
@@ -316,18 +381,30 @@ class WorklistService:
         return created
 
     def _place_one_step_order(self, order: dict[str, Any], patient: StoredPatient, record: OrderRecord,
-                              cause: Cause, now: datetime) -> int:
-        """place_order's four inserts as one statement (see _one_step_order)."""
+                              cause: Cause, now: datetime, *, new_patient: bool = False) -> int:
+        """place_order's four inserts as one statement (see _one_step_order); ``new_patient``: the
+        patient is not stored yet (``patient.pk`` is unset) and the statement inserts it too."""
         def prefixed(prefix: str, row: dict[str, Any]) -> dict[str, Any]:
             return {prefix + name: value for name, value in row.items() if name not in _SHARED_COLUMNS}
 
         [procedure] = record.procedures
         [step] = procedure.steps
         item = worklist_item.build_item(step.item, patient.attributes, StepStatus.SCHEDULED)
-        self.db.execute(_INSERT_ONE_STEP_ORDER, {
-            "now": now, "patient_fk": patient.pk, **prefixed("o_", order),
-            **prefixed("p_", self._procedure_row(procedure, now)), **prefixed("s_", self._step_row(patient, item, now)),
-            **prefixed("t_", self._transition_row("", StepStatus.SCHEDULED, cause, now))})
+        step_row = self._step_row(patient, item, now)
+        statement = _INSERT_ONE_STEP_ORDER
+        params = {"now": now, "patient_fk": patient.pk, **prefixed("o_", order),
+                  **prefixed("p_", self._procedure_row(procedure, now)), **prefixed("s_", step_row),
+                  **prefixed("t_", self._transition_row("", StepStatus.SCHEDULED, cause, now))}
+        if new_patient:
+            patient_row = {"patient_id": patient.key.patient_id, "issuer": patient.key.issuer,
+                           **_patient_columns(patient.attributes)}
+            if all(patient_row[name] == step_row[column] for name, column in _PATIENT_FROM_STEP.items()):
+                statement = _INSERT_ONE_STEP_ORDER_AND_PATIENT
+                del params["patient_fk"]
+                params["a_attributes"] = patient_row["attributes"]
+            else:  # pragma: no cover - the step's patient columns come from the same attributes
+                params["patient_fk"] = self._insert_patient(patient.key, patient.attributes)
+        self.db.execute(statement, params)
         return 1
 
     def replace_order(self, patient_record: PatientRecord, record: OrderRecord, cause: Cause) -> int:
@@ -405,9 +482,7 @@ class WorklistService:
                 "description": record.description, "state": "SCHEDULED", "created_at": now, "updated_at": now}
 
     def _add_procedure(self, order_pk: int, record: ProcedureRecord, now: datetime) -> int:
-        pk: int = self.db.execute(_INSERT_PROCEDURE, {"order_fk": order_pk, **self._procedure_row(record, now)}
-                                  ).scalar_one()
-        return pk
+        return self._insert_row(_INSERT_PROCEDURE, {"order_fk": order_pk, **self._procedure_row(record, now)})
 
     def _check_step_is_new(self, study_instance_uid: str, sps_id: str) -> None:
         clash = self.db.execute(_STEP_BY_KEY, {"study_instance_uid": study_instance_uid, "sps_id": sps_id}).first()
@@ -417,8 +492,7 @@ class WorklistService:
     def _add_step(self, procedure_pk: int, patient: StoredPatient, mapped: JsonDataset, cause: Cause,
                   now: datetime) -> int:
         item = worklist_item.build_item(mapped, patient.attributes, StepStatus.SCHEDULED)
-        step_pk: int = self.db.execute(_INSERT_STEP, {"procedure_fk": procedure_pk,
-                                                      **self._step_row(patient, item, now)}).scalar_one()
+        step_pk = self._insert_row(_INSERT_STEP, {"procedure_fk": procedure_pk, **self._step_row(patient, item, now)})
         self._record_transition(step_pk, "", StepStatus.SCHEDULED, cause, now)
         return step_pk
 

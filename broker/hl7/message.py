@@ -79,19 +79,42 @@ class Message:
 
     def value(self, segment: Segment | None, number: int, component: int = 1, subcomponent: int = 0,
               repetition: int = 1) -> str:
-        """One unescaped value: ``''`` when absent, ``'""'`` (NULL) when the sender cleared it."""
-        reps = self.repetitions(segment, number)
-        if len(reps) < repetition:
+        """One unescaped value: ``''`` when absent, ``'""'`` (NULL) when the sender cleared it.
+
+        The mapping reads a few dozen values per message, mostly the first repetition's first
+        component: that case splits off only the part it needs instead of every repetition and
+        component (same result as :meth:`repetitions` then :meth:`components`).
+        """
+        if segment is None:
             return ""
-        rep = reps[repetition - 1]
-        if rep == NULL:
+        fields = segment.fields
+        if number >= len(fields):
+            return ""
+        text = fields[number]
+        if not text:
+            return ""
+        d = self.delimiters
+        if segment.name == "MSH" and number == 2:  # the encoding characters: one repetition
+            if repetition > 1:
+                return ""
+        elif repetition == 1:
+            text = text.split(d.repetition, 1)[0]
+        else:
+            reps = text.split(d.repetition)
+            if len(reps) < repetition:
+                return ""
+            text = reps[repetition - 1]
+        if text == NULL:
             return NULL
-        parts = rep.split(self.delimiters.component)
-        if len(parts) < component:
-            return ""
-        text = parts[component - 1]
+        if component == 1:
+            text = text.split(d.component, 1)[0]
+        else:
+            parts = text.split(d.component)
+            if len(parts) < component:
+                return ""
+            text = parts[component - 1]
         if subcomponent:
-            subs = text.split(self.delimiters.subcomponent)
+            subs = text.split(d.subcomponent)
             text = subs[subcomponent - 1] if len(subs) >= subcomponent else ""
         return text if text == NULL else self.unescape(text)
 

@@ -4,10 +4,16 @@ The message is cut into scopes: message-level segments (MSH, PID, PV1, ...), one
 detail per OBR inside it, and one step per IPC (or one step per OBR when there is no IPC). A field
 path is looked up in the innermost scope first, so ``OBR-18`` means "this order's OBR" and ``PID-5``
 the message's patient. Every problem is collected, so an ERR segment names each bad field at once.
+
+Mapping runs for every message, about 30 rules of which several read the same field (PID-3 for three
+attributes, OBR-4 for four, the timestamp for date and time): each rule's tag, VR and transform are
+looked up once per mapping (:func:`compiled_rules`); within one message a source list's choice is
+worked out once per scope, and the patient identifier's repetitions once per field.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import uuid
 from collections.abc import Callable
@@ -16,7 +22,7 @@ from typing import Any
 
 from pydicom.uid import generate_uid
 
-from broker.dicom_json import JsonDataset, element, element_value, tag_of
+from broker.dicom_json import JsonDataset, element, element_value, tag_of, vr_of
 from broker.domain.records import (
     OrderRecord,
     PatientKey,
@@ -43,15 +49,25 @@ class Located:
 
 @dataclass
 class Scope:
-    """Segments visible from one step: innermost layer first."""
+    """Segments visible from one step: innermost layer first.
+
+    ``found`` remembers, per source list, which source :meth:`Mapper._first_source` chose, keyed by
+    the list's id (the mapping holds the list as long as the scope lives; the entry keeps it too).
+    """
 
     layers: list[dict[str, Located]]
+    found: dict[int, tuple[tuple[FieldPath, ...], tuple[FieldPath, Located] | None]] = field(
+        default_factory=dict, compare=False, repr=False)
+    # every visible segment name -> its innermost occurrence: one lookup per source instead of one per layer
+    visible: dict[str, Located] = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.visible = {}
+        for layer in reversed(self.layers):
+            self.visible.update(layer)
 
     def find(self, name: str) -> Located | None:
-        for layer in self.layers:
-            if name in layer:
-                return layer[name]
-        return None
+        return self.visible.get(name)
 
 
 @dataclass
@@ -71,6 +87,9 @@ class Mapper:
         self.charset = charset
         self.uid_root = uid_root
         self.problems: list[Problem] = []
+        self._rules = compiled_rules(mapping)
+        # primary_cx per (segment, field), keyed by the segment's id; the entry keeps the segment
+        self._cx: dict[tuple[int, int], tuple[Segment, tuple[list[str], list[list[str]]]]] = {}
         self._message_scope, self._groups = self._cut_scopes()
 
     # --- scopes ----------------------------------------------------------------------------------
@@ -106,8 +125,13 @@ class Mapper:
 
     def _first_source(self, scope: Scope, paths: tuple[FieldPath, ...]) -> tuple[FieldPath, Located] | None:
         """The first path whose segment is in scope and whose field has a value (or is NULL)."""
+        known = scope.found.get(id(paths))
+        if known is not None and known[0] is paths:
+            return known[1]
+        found = None
+        visible = scope.visible
         for path in paths:
-            located = scope.find(path.segment)
+            located = visible.get(path.segment)
             if located is None:
                 continue
             if path.component:
@@ -115,8 +139,10 @@ class Mapper:
             else:
                 present = located.segment.raw(path.field).strip(self.message.delimiters.component)
             if present:
-                return path, located
-        return None
+                found = path, located
+                break
+        scope.found[id(paths)] = (paths, found)
+        return found
 
     def _blame(self, scope: Scope, paths: tuple[FieldPath, ...]) -> FieldPath:
         """The path to name when no source has a value: one whose segment is in scope, else one whose
@@ -134,6 +160,10 @@ class Mapper:
 
     def evaluate(self, rule: AttributeRule, scope: Scope) -> tuple[bool, Any]:
         """(present, value) for a rule: not present = the message does not speak of it; value None = clear."""
+        return self._evaluate(_compile_rule(rule, self.mapping.tables), scope)
+
+    def _evaluate(self, compiled: CompiledRule, scope: Scope) -> tuple[bool, Any]:
+        rule = compiled.rule
         found = self._first_source(scope, rule.sources)
         if found is None:
             if rule.default:
@@ -145,7 +175,7 @@ class Mapper:
             return False, None
         path, located = found
         try:
-            value = self._transform(rule, path, located)
+            value = self._transform(compiled, path, located)
         except transforms.TransformError as exc:
             self._problem(DATA_TYPE_ERROR, f"{rule.keyword}: {exc.reason}", path, located)
             return False, None
@@ -153,17 +183,16 @@ class Mapper:
             self._problem(REQUIRED_FIELD_MISSING, f"{rule.keyword} is required ({path})", path, located)
         return True, value
 
-    def _transform(self, rule: AttributeRule, path: FieldPath, located: Located) -> Any:
-        name = rule.transform
-        if name in _FIELD_TRANSFORMS:
-            return _FIELD_TRANSFORMS[name](self, path, located)
+    def _transform(self, compiled: CompiledRule, path: FieldPath, located: Located) -> Any:
+        if compiled.field_transform is not None:
+            return compiled.field_transform(self, path, located)
         raw = self._raw_value(located, path)
         if raw == NULL:
             return None
-        if rule.table:
-            return transforms.map_value(raw, self.mapping.tables[rule.table])
-        value = _VALUE_TRANSFORMS[name](raw) if name else raw
-        return transforms.truncate(value, rule.vr) if isinstance(value, str) else value
+        if compiled.table is not None:
+            return transforms.map_value(raw, compiled.table)
+        value = compiled.value_transform(raw) if compiled.value_transform is not None else raw
+        return transforms.truncate(value, compiled.vr) if isinstance(value, str) else value
 
     def _components(self, path: FieldPath, located: Located, repetition: int = 1) -> list[str] | None:
         reps = self.message.repetitions(located.segment, path.field)
@@ -178,7 +207,17 @@ class Mapper:
                 if r and r != NULL]
 
     def primary_cx(self, located: Located, number: int) -> tuple[list[str], list[list[str]]]:
-        """The CX repetition that is the Patient ID, and the others."""
+        """The CX repetition that is the Patient ID, and the others (worked out once per field: the
+        patient key and three patient attributes read it)."""
+        segment = located.segment
+        known = self._cx.get((id(segment), number))
+        if known is not None and known[0] is segment:
+            return known[1]
+        primary = self._primary_cx(located, number)
+        self._cx[(id(segment), number)] = (segment, primary)
+        return primary
+
+    def _primary_cx(self, located: Located, number: int) -> tuple[list[str], list[list[str]]]:
         reps = self._cx_repetitions(located, number)
         if not reps:
             return [], []
@@ -201,10 +240,10 @@ class Mapper:
     def map_patient(self) -> PatientRecord | None:
         scope = self.message_scope()
         attributes: JsonDataset = {}
-        for rule in self.mapping.rules.get("patient", ()):
-            present, value = self.evaluate(rule, scope)
+        for rule in self._rules.get("patient", ()):
+            present, value = self._evaluate(rule, scope)
             if present:
-                attributes[tag_of(rule.keyword)] = element(rule.keyword, value)
+                attributes[rule.tag] = element(rule.keyword, value)
         key = self.patient_key()
         if key is None:
             return None
@@ -232,16 +271,16 @@ class Mapper:
     def _add_step(self, order: OrderRecord, scope: Scope) -> None:
         item: JsonDataset = {"00080005": element("SpecificCharacterSet", self.charset.dicom_term)}
         values: dict[str, Any] = {}
-        for rule in self.mapping.rules.get("item", ()):
-            present, value = self.evaluate(rule, scope)
+        for rule in self._rules.get("item", ()):
+            present, value = self._evaluate(rule, scope)
             if present and value not in (None, "", []):
-                item[tag_of(rule.keyword)] = element(rule.keyword, value)
+                item[rule.tag] = element(rule.keyword, value)
                 values[rule.keyword] = value
         step: JsonDataset = {}
-        for rule in self.mapping.rules.get("step", ()):
-            present, value = self.evaluate(rule, scope)
+        for rule in self._rules.get("step", ()):
+            present, value = self._evaluate(rule, scope)
             if present and value not in (None, "", []):
-                step[tag_of(rule.keyword)] = element(rule.keyword, value)
+                step[rule.tag] = element(rule.keyword, value)
                 values[rule.keyword] = value
         station = self._station_ae_title(scope, values)
         if station:
@@ -412,11 +451,69 @@ def _uid(value: str) -> str:
     return value
 
 
+# Date and time of one step come from the same timestamp, one rule after the other: the second
+# parse is a cache hit. (A bad timestamp raises, which the cache does not keep.)
+_ts_to_da_tm = functools.lru_cache(maxsize=32)(transforms.hl7_ts_to_da_tm)
+
 _VALUE_TRANSFORMS: dict[str, Callable[[str], str]] = {
     "date": transforms.hl7_date_to_da,
-    "ts_date": lambda v: transforms.hl7_ts_to_da_tm(v)[0],
-    "ts_time": lambda v: transforms.hl7_ts_to_da_tm(v)[1],
+    "ts_date": lambda v: _ts_to_da_tm(v)[0],
+    "ts_time": lambda v: _ts_to_da_tm(v)[1],
     "sex": transforms.sex_to_dicom,
     "cs": transforms.clean_cs,
     "uid": _uid,
 }
+
+
+# --- rules compiled once per mapping ----------------------------------------------------------------
+@dataclass(frozen=True)
+class CompiledRule:
+    """An attribute rule with its tag, VR, transform function and table looked up."""
+
+    rule: AttributeRule
+    keyword: str
+    tag: str
+    vr: str
+    field_transform: Callable[[Mapper, FieldPath, Located], Any] | None
+    value_transform: Callable[[str], Any] | None
+    table: dict[str, str] | None
+
+
+def _unknown_transform(name: str) -> Callable[[str], Any]:
+    def fail(_raw: str) -> Any:
+        raise KeyError(name)  # as the lookup in _VALUE_TRANSFORMS did before rules were compiled
+    return fail
+
+
+def _compile_rule(rule: AttributeRule, tables: dict[str, dict[str, str]]) -> CompiledRule:
+    name = rule.transform
+    field_transform = _FIELD_TRANSFORMS.get(name)
+    value_transform = None
+    if field_transform is None and not rule.table and name:
+        value_transform = _VALUE_TRANSFORMS.get(name) or _unknown_transform(name)
+    table = tables[rule.table] if field_transform is None and rule.table else None
+    return CompiledRule(rule, rule.keyword, tag_of(rule.keyword), vr_of(rule.keyword), field_transform,
+                        value_transform, table)
+
+
+@dataclass(frozen=True)
+class _CompiledMapping:
+    """The compiled rules of one mapping, with the rules and tables they were made from (to notice a
+    mapping changed after compiling, as tests do)."""
+
+    rules: dict[str, tuple[AttributeRule, ...]]
+    tables: dict[str, dict[str, str]]
+    by_level: dict[str, tuple[CompiledRule, ...]]
+
+
+def compiled_rules(mapping: Mapping) -> dict[str, tuple[CompiledRule, ...]]:
+    """The mapping's rules by level, compiled on first use and kept on the mapping."""
+    compiled = mapping.compiled
+    if isinstance(compiled, _CompiledMapping) and compiled.rules is mapping.rules \
+            and compiled.tables is mapping.tables:
+        return compiled.by_level
+    # Two threads may both compile a new mapping; they make the same result, and either one is kept.
+    by_level = {level: tuple(_compile_rule(rule, mapping.tables) for rule in rules)
+                for level, rules in mapping.rules.items()}
+    mapping.compiled = _CompiledMapping(mapping.rules, mapping.tables, by_level)
+    return by_level

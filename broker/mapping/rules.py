@@ -97,6 +97,8 @@ class Mapping:
     rules: dict[str, tuple[AttributeRule, ...]]  # by level
     match_application: str = ""
     match_facility: str = ""
+    # The rules as the mapping engine runs them, made on first use (broker.mapping.engine.compiled_rules).
+    compiled: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass

@@ -1,0 +1,71 @@
+"""What a new order costs the database, and that the cheaper paths store what the general one does.
+
+A new order of one step is the message the intake sees most; on PostgreSQL every statement is a
+network round trip, so the order's rows (and a new patient's row) go in one statement there, and on
+SQLite new keys come from lastrowid instead of RETURNING.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, event, select
+
+from broker.hl7.intake import Intake
+from broker.mapping.rules import MappingSet
+from broker.store.tables import Order, Patient, RequestedProcedure, ScheduledStep, StepTransition, table_of
+from tests.conftest import sample
+from tests.hl7_support import msa_code, with_control_id
+
+pytestmark = pytest.mark.integration
+
+NEW = sample("orm_o01_new.hl7")
+
+
+@pytest.fixture
+def statements(engine: Engine) -> Iterator[Counter[str]]:
+    """Statements the engine sends, by first word."""
+    counter: Counter[str] = Counter()
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        counter[statement.split(None, 1)[0].upper()] += 1
+
+    event.listen(engine, "before_cursor_execute", count)
+    yield counter
+    event.remove(engine, "before_cursor_execute", count)
+
+
+def second_order(control_id: str) -> bytes:
+    """The sample order again with new order numbers and step keys (same patient)."""
+    return (with_control_id(NEW, control_id).replace(b"PO-77001", b"PO-77002").replace(b"FO-77001", b"FO-77002")
+            .replace(b"ACC77001", b"ACC77002").replace(b"SPS77001", b"SPS77002").replace(b"RP77001", b"RP77002")
+            .replace(b"543.77001", b"543.77002"))
+
+
+def test_new_patient_and_order_rows(engine: Engine, mappings: MappingSet, statements: Counter[str]) -> None:
+    intake = Intake(engine, mappings)
+    assert msa_code(intake.handle(NEW)[0]) == "AA"
+    # archive insert; lookup; the order's rows (with the new patient on PostgreSQL); outcome update
+    expected = {"postgresql": {"INSERT": 1, "SELECT": 1, "WITH": 1, "UPDATE": 1},
+                "sqlite": {"INSERT": 6, "SELECT": 1, "UPDATE": 1}}[engine.dialect.name]
+    assert dict(statements) == expected
+    assert msa_code(intake.handle(second_order("RIS000102"))[0]) == "AA"
+    with engine.connect() as db:
+        [patient] = db.execute(select(table_of(Patient))).all()
+        orders = db.execute(select(table_of(Order)).order_by(table_of(Order).c.id)).all()
+        procedures = db.execute(select(table_of(RequestedProcedure))).all()
+        steps = db.execute(select(table_of(ScheduledStep)).order_by(table_of(ScheduledStep).c.id)).all()
+        transitions = db.execute(select(table_of(StepTransition))).all()
+    assert (patient.patient_id, patient.issuer, patient.sex, patient.birth_date) == ("MRN4711", "GENHOSP", "F",
+                                                                                    "19620412")
+    assert patient.patient_name.startswith("M") and patient.merged_into_id is None
+    assert patient.attributes["00100020"]["Value"] == ["MRN4711"]
+    assert [o.patient_fk for o in orders] == [patient.id, patient.id]
+    assert [s.patient_fk for s in steps] == [patient.id, patient.id]
+    assert {p.order_fk for p in procedures} == {o.id for o in orders}
+    assert {s.procedure_fk for s in steps} == {p.id for p in procedures}
+    assert sorted(t.step_fk for t in transitions) == [s.id for s in steps]
+    assert [s.patient_name for s in steps] == [patient.patient_name] * 2
