@@ -43,6 +43,15 @@ class Segment:
         return self.fields[number] if number < len(self.fields) else ""
 
 
+def _nth(text: str, separator: str, n: int) -> str | None:
+    """The ``n``-th (from 1) part of ``text`` cut at ``separator``; None when it has fewer parts. The
+    first part, by far the most asked for, is split off alone."""
+    if n == 1:
+        return text.split(separator, 1)[0]
+    parts = text.split(separator)
+    return parts[n - 1] if len(parts) >= n else None
+
+
 @dataclass
 class Message:
     """A parsed HL7 message: segments in order plus the delimiters needed to read their fields."""
@@ -97,25 +106,19 @@ class Message:
         if segment.name == "MSH" and number == 2:  # the encoding characters: one repetition
             if repetition > 1:
                 return ""
-        elif repetition == 1:
-            text = text.split(d.repetition, 1)[0]
         else:
-            reps = text.split(d.repetition)
-            if len(reps) < repetition:
+            picked = _nth(text, d.repetition, repetition)
+            if picked is None:
                 return ""
-            text = reps[repetition - 1]
+            text = picked
         if text == NULL:
             return NULL
-        if component == 1:
-            text = text.split(d.component, 1)[0]
-        else:
-            parts = text.split(d.component)
-            if len(parts) < component:
-                return ""
-            text = parts[component - 1]
+        picked = _nth(text, d.component, component)
+        if picked is None:
+            return ""
+        text = picked
         if subcomponent:
-            subs = text.split(d.subcomponent)
-            text = subs[subcomponent - 1] if len(subs) >= subcomponent else ""
+            text = _nth(text, d.subcomponent, subcomponent) or ""
         return text if text == NULL else self.unescape(text)
 
     def unescape(self, text: str) -> str:
