@@ -139,8 +139,19 @@ class Delivery:
 class _Exchange:
     """One N-EVENT-REPORT on its way: sent, its response not read yet."""
 
-    def __init__(self, peer: Peer, payload: dict[str, Any], association: EventAssociation, reused: bool) -> None:
-        self.peer, self.payload, self.association, self.reused = peer, payload, association, reused
+    def __init__(self, payload: dict[str, Any], association: EventAssociation, reused: bool) -> None:
+        self.payload, self.association, self.reused = payload, association, reused
+
+
+def _open_and_request(calling_ae: str, peer: Peer, payload: dict[str, Any], timeout: float) -> EventAssociation:
+    """A new association to ``peer`` with the request of ``payload`` sent on it (closed if that fails)."""
+    association = EventAssociation(calling_ae, peer, timeout).open()
+    try:
+        association.request(payload)
+    except BaseException:
+        association.close(release=False)
+        raise
+    return association
 
 
 def _start(calling_ae: str, peer: Peer, payload: dict[str, Any], timeout: float,
@@ -150,16 +161,10 @@ def _start(calling_ae: str, peer: Peer, payload: dict[str, Any], timeout: float,
     if association is not None:
         try:
             association.request(payload)
-            return _Exchange(peer, payload, association, reused=True)
+            return _Exchange(payload, association, reused=True)
         except (OSError, PeerFailure):  # the kept association went stale (the subscriber closed it)
             association.close(release=False)
-    association = EventAssociation(calling_ae, peer, timeout).open()
-    try:
-        association.request(payload)
-    except BaseException:
-        association.close(release=False)
-        raise
-    return _Exchange(peer, payload, association, reused=False)
+    return _Exchange(payload, _open_and_request(calling_ae, peer, payload, timeout), reused=False)
 
 
 def _finish(calling_ae: str, exchange: _Exchange, timeout: float) -> EventAssociation:
@@ -171,9 +176,8 @@ def _finish(calling_ae: str, exchange: _Exchange, timeout: float) -> EventAssoci
         exchange.association.close(release=False)
         if not exchange.reused:
             raise
-    association = EventAssociation(calling_ae, exchange.peer, timeout).open()
+    association = _open_and_request(calling_ae, exchange.association.peer, exchange.payload, timeout)
     try:
-        association.request(exchange.payload)
         association.response(exchange.payload)
     except BaseException:
         association.close(release=False)
@@ -213,7 +217,6 @@ def deliver_many(calling_ae: str, batch: list[tuple[Peer, Event]], engine: Engin
     delivery = Delivery()
     deadline = time.monotonic() + drain_seconds
     open_by_key: dict[str, EventAssociation] = {}
-    peers_by_key: dict[str, Peer] = {}
     exchanges: list[tuple[Event, _Exchange]] = []
     try:
         for peer, event in batch:
@@ -224,9 +227,8 @@ def deliver_many(calling_ae: str, batch: list[tuple[Peer, Event]], engine: Engin
         for event, exchange in exchanges:
             try:
                 open_by_key[event.ordering_key] = _finish(calling_ae, exchange, timeout)
-                peers_by_key[event.ordering_key] = exchange.peer
             except (OSError, PeerFailure) as exc:
-                delivery.failures[event.id] = _as_failure(exchange.peer, exc)
+                delivery.failures[event.id] = _as_failure(exchange.association.peer, exc)
         while open_by_key and time.monotonic() < deadline:
             # read on a reading engine: on SQLite it takes no write lock
             with (reader or engine).connect() as db:
@@ -243,12 +245,12 @@ def deliver_many(calling_ae: str, batch: list[tuple[Peer, Event]], engine: Engin
                 _forget_delivered(engine, sent)
                 delivery.followers += len(sent)
     except BaseException:
-        for association in {id(a): a for a in [*open_by_key.values(), *(x.association for _, x in exchanges)]}.values():
-            association.close(release=False)
+        for association in [*open_by_key.values(), *(exchange.association for _, exchange in exchanges)]:
+            association.close(release=False)  # closing twice is harmless
         raise
-    for key, association in open_by_key.items():
+    for association in open_by_key.values():
         if pool is not None:
-            pool.give(peers_by_key[key], association)
+            pool.give(association.peer, association)
         else:
             association.close(release=True)
     delivered = [event for _, event in batch if event.id not in delivery.failures]
