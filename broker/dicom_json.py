@@ -34,7 +34,11 @@ def vr_of(keyword: str) -> str:
 
 def element(keyword: str, value: Any) -> JsonElement:
     """A DICOM JSON element; ``None``, '' or [] gives an element without Value (an empty attribute)."""
-    vr = vr_of(keyword)
+    return vr_element(vr_of(keyword), value)
+
+
+def vr_element(vr: str, value: Any) -> JsonElement:
+    """:func:`element` for a keyword whose VR is known already (the mapping's compiled rules)."""
     if value is None or value == "" or value == []:
         return {"vr": vr}
     if vr == "SQ":
@@ -50,9 +54,11 @@ def element(keyword: str, value: Any) -> JsonElement:
 def element_value(elem: JsonElement | None) -> Any:
     """The value of a DICOM JSON element: the first one (PN: its alphabetic group), a multi-valued CS
     joined by backslashes as DICOM writes it, or '' when empty."""
-    if not elem or not elem.get("Value"):
+    if not elem:
         return ""
-    values = elem["Value"]
+    values = elem.get("Value")
+    if not values:
+        return ""
     first = values[0]
     if isinstance(first, dict) and elem.get("vr") == "PN":
         return first.get("Alphabetic", "")

@@ -50,12 +50,26 @@ def _norm(pn: str) -> str:
 
 
 def scheduled_start(date: str, time: str) -> datetime | None:
-    """SPS Start Date + Time as one datetime (the key of the combined date-time range)."""
+    """SPS Start Date + Time as one datetime (the key of the combined date-time range).
+
+    Every stored step needs it, and ``strptime`` cost more than the rest of :func:`index_columns`: a
+    well-formed value (ASCII digits, each part in its range, as the mapping writes them) is built
+    directly; anything else goes through ``strptime``, whose lenient one-digit parts decide it as before.
+    """
     if len(date) != 8 or not date.isdigit():
         return None
     digits = (time.split(".")[0] + "000000")[:6] if time else "000000"
+    stamp = date + digits
+    if stamp.isascii() and stamp.isdigit():
+        month, day, hour, minute, second = (int(stamp[4:6]), int(stamp[6:8]), int(stamp[8:10]),
+                                            int(stamp[10:12]), int(stamp[12:14]))
+        if 1 <= month <= 12 and 1 <= day <= 31 and hour <= 23 and minute <= 59 and second <= 59:
+            try:  # strptime reads these two digits a part, so it gives the same datetime or error
+                return datetime(int(stamp[:4]), month, day, hour, minute, second)
+            except ValueError:  # day past the month's end, year 0
+                return None
     try:
-        return datetime.strptime(date + digits, "%Y%m%d%H%M%S")
+        return datetime.strptime(stamp, "%Y%m%d%H%M%S")
     except ValueError:
         return None
 

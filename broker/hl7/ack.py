@@ -7,6 +7,7 @@ only after the change is committed, so even the accept ACK means "stored and pro
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -57,9 +58,9 @@ class Header:
     def from_raw(cls, raw: bytes) -> Header:
         """Best effort from undecoded bytes: the MSH segment read as Latin-1 (MSH is ASCII by rule)."""
         head = raw.lstrip(b"\xef\xbb\xbf \t\r\n\x0b")
-        end = min((i for i in (head.find(b"\r"), head.find(b"\n")) if i >= 0), default=len(head))
+        line = head.split(b"\r", 1)[0].split(b"\n", 1)[0]  # up to the first CR or LF
         try:
-            return cls.from_message(parse(head[:end].decode("latin-1")))
+            return cls.from_message(parse(line.decode("latin-1")))
         except Exception:
             return cls()
 
@@ -69,7 +70,23 @@ def new_control_id() -> str:
     return f"A{int(time.time() * 1000) % 10**12}{next(_counter) % 10**6:06d}"[:20]
 
 
+@functools.lru_cache(maxsize=16)
+def _escape_table(d: Delimiters) -> dict[int, str] | None:
+    """:func:`_escape` as one ``str.translate`` table; None when two delimiters are the same character
+    (never from :func:`parse`, which refuses that), where only the replacements in turn give the result."""
+    table = {ord(d.escape): f"{d.escape}E{d.escape}"}
+    for char, code in ((d.field, "F"), (d.component, "S"), (d.subcomponent, "T"), (d.repetition, "R")):
+        table[ord(char)] = f"{d.escape}{code}{d.escape}"
+    if len(table) != 5 or ord("\r") in table or ord("\n") in table:
+        return None
+    return table | {ord("\r"): " ", ord("\n"): " "}
+
+
 def _escape(text: str, d: Delimiters) -> str:
+    # An ACK escapes about ten values: one pass over each instead of seven replace() calls.
+    table = _escape_table(d)
+    if table is not None:
+        return text.translate(table)
     out = text.replace(d.escape, f"{d.escape}E{d.escape}")
     for char, code in ((d.field, "F"), (d.component, "S"), (d.subcomponent, "T"), (d.repetition, "R")):
         out = out.replace(char, f"{d.escape}{code}{d.escape}")
@@ -111,7 +128,11 @@ def build_ack(header: Header, code: str, problems: list[Problem], text: str = ""
     f = d.field
     encoding = f"{d.component}{d.repetition}{d.escape}{d.subcomponent}"
     stamp = (now or datetime.now()).strftime("%Y%m%d%H%M%S")
-    esc = lambda v: _escape(v, d)  # noqa: E731 - local shorthand
+    table = _escape_table(d)  # looked up once for the ten values escaped here
+
+    def esc(value: str) -> str:
+        return value.translate(table) if table is not None else _escape(value, d)
+
     trigger = header.trigger_event
     msh = f.join([
         "MSH", encoding, esc(header.receiving_application or "WLBROKER"), esc(header.receiving_facility),

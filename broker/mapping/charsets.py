@@ -6,6 +6,7 @@ Specific Character Set (0008,0005) we put on worklist items always agree. No I/O
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 __all__ = [
@@ -86,10 +87,12 @@ def charset_for_msh18(value: str, default: Charset) -> Charset:
         raise UnknownCharset(f"unknown HL7 character set (MSH-18): {value[:40]!r}") from None
 
 
+@functools.lru_cache(maxsize=64)
 def message_charset(msh18: str, default_name: str) -> Charset:
     """The character set of a message: MSH-18, else the mapping's ``default_character_set``.
 
-    Raises :class:`UnknownCharset` when either names no known set.
+    Raises :class:`UnknownCharset` when either names no known set (not remembered: each such message
+    looks again). Remembered per pair, since a sender names the same set in every message.
     """
     return charset_for_msh18(msh18, charset_for_msh18(default_name, DEFAULT_CHARSET))
 

@@ -7,8 +7,9 @@ the message's patient. Every problem is collected, so an ERR segment names each 
 
 Mapping runs for every message, about 30 rules of which several read the same field (PID-3 for three
 attributes, OBR-4 for four, the timestamp for date and time): each rule's tag, VR and transform are
-looked up once per mapping (:func:`compiled_rules`); within one message a source list's choice is
-worked out once per scope, and the patient identifier's repetitions once per field.
+looked up once per mapping (:func:`compiled_rules`), where rules with equal source lists get one
+shared tuple; within one message a source list's choice is worked out once per scope, the patient
+identifier's repetitions once per field, and a field's components once (OBR-4 feeds four attributes).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 from pydicom.uid import generate_uid
 
-from broker.dicom_json import JsonDataset, element, element_value, tag_of, vr_of
+from broker.dicom_json import JsonDataset, element, element_value, tag_of, vr_element, vr_of
 from broker.domain.records import (
     OrderRecord,
     PatientKey,
@@ -37,6 +38,12 @@ from broker.mapping.charsets import Charset
 from broker.mapping.rules import AttributeRule, FieldPath, Mapping
 
 MESSAGE_LEVEL_END = "ORC"
+# The attributes every step gets besides the mapping's rules.
+_SPECIFIC_CHARACTER_SET = tag_of("SpecificCharacterSet")
+_SCHEDULED_STATION_AE_TITLE = tag_of("ScheduledStationAETitle")
+_STUDY_INSTANCE_UID = tag_of("StudyInstanceUID")
+_SCHEDULED_PROCEDURE_STEP_SEQUENCE = tag_of("ScheduledProcedureStepSequence")
+_CODE_VALUE = tag_of("CodeValue")
 
 
 @dataclass
@@ -90,6 +97,8 @@ class Mapper:
         self._rules = compiled_rules(mapping)
         # primary_cx per (segment, field), keyed by the segment's id; the entry keeps the segment
         self._cx: dict[tuple[int, int], tuple[Segment, tuple[list[str], list[list[str]]]]] = {}
+        # _components per (segment, field, repetition), keyed by the segment's id likewise
+        self._split: dict[tuple[int, int, int], tuple[Segment, list[str] | None]] = {}
         self._message_scope, self._groups = self._cut_scopes()
 
     # --- scopes ----------------------------------------------------------------------------------
@@ -125,23 +134,26 @@ class Mapper:
 
     def _first_source(self, scope: Scope, paths: tuple[FieldPath, ...]) -> tuple[FieldPath, Located] | None:
         """The first path whose segment is in scope and whose field has a value (or is NULL)."""
-        known = scope.found.get(id(paths))
+        key = id(paths)
+        known = scope.found.get(key)
         if known is not None and known[0] is paths:
             return known[1]
         found = None
         visible = scope.visible
+        component = self.message.delimiters.component
         for path in paths:
             located = visible.get(path.segment)
             if located is None:
                 continue
             if path.component:
                 present = self.message.value(located.segment, path.field, path.component)
-            else:
-                present = located.segment.raw(path.field).strip(self.message.delimiters.component)
+            else:  # Segment.raw, inline: this runs for most sources of every rule
+                fields = located.segment.fields
+                present = fields[path.field].strip(component) if path.field < len(fields) else ""
             if present:
                 found = path, located
                 break
-        scope.found[id(paths)] = (paths, found)
+        scope.found[key] = (paths, found)
         return found
 
     def _blame(self, scope: Scope, paths: tuple[FieldPath, ...]) -> FieldPath:
@@ -164,7 +176,7 @@ class Mapper:
 
     def _evaluate(self, compiled: CompiledRule, scope: Scope) -> tuple[bool, Any]:
         rule = compiled.rule
-        found = self._first_source(scope, rule.sources)
+        found = self._first_source(scope, compiled.sources)
         if found is None:
             if rule.default:
                 return True, rule.default
@@ -195,11 +207,22 @@ class Mapper:
         return transforms.truncate(value, compiled.vr) if isinstance(value, str) else value
 
     def _components(self, path: FieldPath, located: Located, repetition: int = 1) -> list[str] | None:
-        reps = self.message.repetitions(located.segment, path.field)
+        """The unescaped components of a field's repetition (None: NULL), split once per message: the
+        procedure code field feeds four attributes. Callers read the list and never change it."""
+        segment = located.segment
+        key = (id(segment), path.field, repetition)
+        known = self._split.get(key)
+        if known is not None and known[0] is segment:
+            return known[1]
+        reps = self.message.repetitions(segment, path.field)
         if len(reps) < repetition:
-            return []
-        comps = self.message.components(reps[repetition - 1])
-        return None if comps == [NULL] else comps
+            comps: list[str] | None = []
+        else:
+            comps = self.message.components(reps[repetition - 1])
+            if comps == [NULL]:
+                comps = None
+        self._split[key] = (segment, comps)
+        return comps
 
     # --- patient identity ------------------------------------------------------------------------
     def _cx_repetitions(self, located: Located, number: int) -> list[list[str]]:
@@ -243,7 +266,7 @@ class Mapper:
         for rule in self._rules.get("patient", ()):
             present, value = self._evaluate(rule, scope)
             if present:
-                attributes[rule.tag] = element(rule.keyword, value)
+                attributes[rule.tag] = vr_element(rule.vr, value)
         key = self.patient_key()
         if key is None:
             return None
@@ -269,25 +292,25 @@ class Mapper:
         return orders
 
     def _add_step(self, order: OrderRecord, scope: Scope) -> None:
-        item: JsonDataset = {"00080005": element("SpecificCharacterSet", self.charset.dicom_term)}
+        item: JsonDataset = {_SPECIFIC_CHARACTER_SET: element("SpecificCharacterSet", self.charset.dicom_term)}
         values: dict[str, Any] = {}
         for rule in self._rules.get("item", ()):
             present, value = self._evaluate(rule, scope)
             if present and value not in (None, "", []):
-                item[rule.tag] = element(rule.keyword, value)
+                item[rule.tag] = vr_element(rule.vr, value)
                 values[rule.keyword] = value
         step: JsonDataset = {}
         for rule in self._rules.get("step", ()):
             present, value = self._evaluate(rule, scope)
             if present and value not in (None, "", []):
-                step[rule.tag] = element(rule.keyword, value)
+                step[rule.tag] = vr_element(rule.vr, value)
                 values[rule.keyword] = value
         station = self._station_ae_title(scope, values)
         if station:
-            step[tag_of("ScheduledStationAETitle")] = element("ScheduledStationAETitle", station)
+            step[_SCHEDULED_STATION_AE_TITLE] = element("ScheduledStationAETitle", station)
         study_uid = self._study_uid(scope, order, values)
-        item[tag_of("StudyInstanceUID")] = element("StudyInstanceUID", study_uid)
-        item[tag_of("ScheduledProcedureStepSequence")] = element("ScheduledProcedureStepSequence", [step])
+        item[_STUDY_INSTANCE_UID] = element("StudyInstanceUID", study_uid)
+        item[_SCHEDULED_PROCEDURE_STEP_SEQUENCE] = element("ScheduledProcedureStepSequence", [step])
         rp_id = str(values.get("RequestedProcedureID", ""))
         accession = str(values.get("AccessionNumber", ""))
         procedure = next((p for p in order.procedures if p.study_instance_uid == study_uid
@@ -304,12 +327,15 @@ class Mapper:
             value = self._raw_value(found[1], found[0])
             if value and value != NULL:
                 return transforms.truncate(value, "AE")
+        if not self.mapping.station_rules:
+            return self.mapping.station_default
+        sending_application, sending_facility = self.message.sender
         facts = {
             "modality": str(values.get("Modality", "")),
             "procedure_code": _first_code(values.get("ScheduledProtocolCodeSequence"))
             or _first_code(values.get("RequestedProcedureCodeSequence")),
-            "sending_application": self.message.sender[0],
-            "sending_facility": self.message.sender[1],
+            "sending_application": sending_application,
+            "sending_facility": sending_facility,
             "location": str(values.get("ScheduledProcedureStepLocation", "")),
         }
         for rule in self.mapping.station_rules:
@@ -368,7 +394,7 @@ def _cx_issuer(components: list[str]) -> str:
 def _first_code(sequence: Any) -> str:
     if not sequence:
         return ""
-    return str(element_value(sequence[0].get(tag_of("CodeValue"))))
+    return str(element_value(sequence[0].get(_CODE_VALUE)))
 
 
 # --- transforms that need the whole field ----------------------------------------------------------
@@ -474,6 +500,9 @@ class CompiledRule:
     keyword: str
     tag: str
     vr: str
+    # rule.sources, or an equal tuple of an earlier rule: rules reading the same fields share one tuple,
+    # so a scope works out their source once (OBR-4 for four attributes, the timestamp for two)
+    sources: tuple[FieldPath, ...]
     field_transform: Callable[[Mapper, FieldPath, Located], Any] | None
     value_transform: Callable[[str], Any] | None
     table: dict[str, str] | None
@@ -485,14 +514,16 @@ def _unknown_transform(name: str) -> Callable[[str], Any]:
     return fail
 
 
-def _compile_rule(rule: AttributeRule, tables: dict[str, dict[str, str]]) -> CompiledRule:
+def _compile_rule(rule: AttributeRule, tables: dict[str, dict[str, str]],
+                  shared_sources: dict[tuple[FieldPath, ...], tuple[FieldPath, ...]] | None = None) -> CompiledRule:
     name = rule.transform
     field_transform = _FIELD_TRANSFORMS.get(name)
     value_transform = None
     if field_transform is None and not rule.table and name:
         value_transform = _VALUE_TRANSFORMS.get(name) or _unknown_transform(name)
     table = tables[rule.table] if field_transform is None and rule.table else None
-    return CompiledRule(rule, rule.keyword, tag_of(rule.keyword), vr_of(rule.keyword), field_transform,
+    sources = rule.sources if shared_sources is None else shared_sources.setdefault(rule.sources, rule.sources)
+    return CompiledRule(rule, rule.keyword, tag_of(rule.keyword), vr_of(rule.keyword), sources, field_transform,
                         value_transform, table)
 
 
@@ -513,7 +544,8 @@ def compiled_rules(mapping: Mapping) -> dict[str, tuple[CompiledRule, ...]]:
             and compiled.tables is mapping.tables:
         return compiled.by_level
     # Two threads may both compile a new mapping; they make the same result, and either one is kept.
-    by_level = {level: tuple(_compile_rule(rule, mapping.tables) for rule in rules)
+    shared_sources: dict[tuple[FieldPath, ...], tuple[FieldPath, ...]] = {}
+    by_level = {level: tuple(_compile_rule(rule, mapping.tables, shared_sources) for rule in rules)
                 for level, rules in mapping.rules.items()}
     mapping.compiled = _CompiledMapping(mapping.rules, mapping.tables, by_level)
     return by_level

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime
 import re
-from dataclasses import dataclass
 
 __all__ = [
     "MAX_LENGTH",
@@ -55,34 +54,14 @@ _TS = re.compile(
 _TM_FRACTION_DIGITS = 6  # DICOM TM carries at most microseconds
 
 
-@dataclass(frozen=True)
-class _Timestamp:
-    """A syntactically and semantically checked HL7 timestamp, time zone already dropped."""
-
-    date: datetime.date
-    hour: int | None
-    minute: int | None
-    second: int | None
-    fraction: str  # digits after the decimal point, at most 6, "" when absent
-
-    @property
-    def da(self) -> str:
-        return f"{self.date.year:04d}{self.date.month:02d}{self.date.day:02d}"
-
-    @property
-    def tm(self) -> str:
-        if self.hour is None:
-            return ""
-        text = f"{self.hour:02d}{self.minute or 0:02d}{self.second or 0:02d}"
-        return f"{text}.{self.fraction}" if self.fraction else text
-
-
-
-def _parse_ts(value: str, what: str) -> _Timestamp | None:
-    """Parse an HL7 date/timestamp; None for empty. ``what`` names the type in error reasons.
+def _parse_ts(value: str, what: str) -> tuple[str, str] | None:
+    """Parse an HL7 date/timestamp into (DICOM DA, DICOM TM); None for empty. ``what`` names the type
+    in error reasons.
 
     DICOM DA has no reduced precision, so a timestamp without month and day cannot become a DA and is
-    refused rather than padded: "1970" padded to "19700101" would invent a birthday.
+    refused rather than padded: "1970" padded to "19700101" would invent a birthday. The time zone is
+    dropped. DA and TM are the matched digits themselves (each part is exactly two ASCII digits, or
+    four for the year), so they are cut from the match instead of formatted from numbers.
     """
     text = value.strip()
     if not text:
@@ -90,21 +69,24 @@ def _parse_ts(value: str, what: str) -> _Timestamp | None:
     match = _TS.fullmatch(text)
     if match is None:
         raise TransformError(f"not an HL7 {what}: {value[:40]!r}")
-    if match["day"] is None:
+    year, month, day, hour, minute, second, fraction, zone = match.groups()
+    if day is None:
         raise TransformError(f"HL7 {what} without month and day, DICOM needs YYYYMMDD: {value[:40]!r}")
     try:
-        date = datetime.date(int(match["year"]), int(match["month"]), int(match["day"]))
+        datetime.date(int(year), int(month), int(day))
     except ValueError:
         raise TransformError(f"not a calendar date: {value[:40]!r}") from None
-    hour, minute, second = (None if match[g] is None else int(match[g]) for g in ("hour", "minute", "second"))
-    if (hour is not None and hour > 23) or (minute is not None and minute > 59) or \
-            (second is not None and second > 59):
+    if (hour is not None and int(hour) > 23) or (minute is not None and int(minute) > 59) or \
+            (second is not None and int(second) > 59):
         raise TransformError(f"time out of range: {value[:40]!r}")
-    zone = match["zone"]
     if zone is not None and (int(zone[1:3]) > 23 or int(zone[3:5]) > 59):
         raise TransformError(f"time zone offset out of range: {value[:40]!r}")
-    fraction = (match["fraction"] or "")[:_TM_FRACTION_DIGITS]
-    return _Timestamp(date, hour, minute, second, fraction)
+    if hour is None:
+        return year + month + day, ""
+    tm = hour + (minute or "00") + (second or "00")
+    if fraction:
+        tm += "." + fraction[:_TM_FRACTION_DIGITS]
+    return year + month + day, tm
 
 
 def hl7_date_to_da(value: str) -> str:
@@ -115,7 +97,7 @@ def hl7_date_to_da(value: str) -> str:
     into something plausible. A time zone suffix is dropped.
     """
     parsed = _parse_ts(value, "date")
-    return "" if parsed is None else parsed.da
+    return "" if parsed is None else parsed[0]
 
 
 def hl7_ts_to_da_tm(value: str) -> tuple[str, str]:
@@ -126,7 +108,7 @@ def hl7_ts_to_da_tm(value: str) -> tuple[str, str]:
     The time zone offset is dropped: the worklist is in the local time the order was written in.
     """
     parsed = _parse_ts(value, "timestamp")
-    return ("", "") if parsed is None else (parsed.da, parsed.tm)
+    return ("", "") if parsed is None else parsed
 
 
 # --- person names ----------------------------------------------------------------------------------
@@ -260,10 +242,11 @@ def truncate(value: str, vr: str) -> str:
     modality may refuse a whole worklist response over one over-long value, so it is cut here. PN is
     cut per component group ("=") and never left ending in "^".
     """
-    limit = MAX_LENGTH.get(vr.upper())
+    vr = vr.upper()
+    limit = MAX_LENGTH.get(vr)
     if limit is None:
         return value
-    if vr.upper() == "PN":
+    if vr == "PN":
         return "=".join(_truncate_pn_group(group) for group in value.split("="))
     return value[:limit]
 

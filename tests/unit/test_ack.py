@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from broker.hl7.ack import Header, acknowledgements, build_ack
+from broker.hl7.ack import Header, _escape, acknowledgements, build_ack
 from broker.hl7.errors import Problem
-from broker.hl7.message import parse
+from broker.hl7.message import Delimiters, parse
 
 V231 = b"MSH|^~\\&|RIS|HOSP|WL|RAD|20261123||ORM^O01|C1|P|2.3.1||||||8859/1\rPID|1\r"
 V251 = b"MSH|^~\\&|RIS|HOSP|WL|RAD|20261123||OMI^O23^OMI_O23|C2|P|2.5.1\rPID|1\r"
@@ -62,3 +62,24 @@ def test_enhanced_mode_honours_msh15_and_msh16() -> None:
 
 def test_header_from_garbage_is_empty_not_an_exception() -> None:
     assert Header.from_raw(b"\x00\xffnot hl7").control_id == ""
+
+
+def _escape_in_turn(text: str, d: Delimiters) -> str:
+    """_escape as it was written before its translate table: one replacement after the other."""
+    out = text.replace(d.escape, f"{d.escape}E{d.escape}")
+    for char, code in ((d.field, "F"), (d.component, "S"), (d.subcomponent, "T"), (d.repetition, "R")):
+        out = out.replace(char, f"{d.escape}{code}{d.escape}")
+    return out.replace("\r", " ").replace("\n", " ")
+
+
+def test_escape_table_gives_the_replacements_in_turn() -> None:
+    texts = ["plain", "", "a|b^c~d\\e&f", "\\E\\ already", "line\r\nbreak", "#$*!@ mixed |^"]
+    for d in (Delimiters(), Delimiters("#", "$", "*", "!", "@"), Delimiters("|", "^", "~", "\\", "^")):
+        for text in texts:
+            assert _escape(text, d) == _escape_in_turn(text, d), (text, d)
+
+
+def test_ack_with_other_delimiters_escapes_with_them() -> None:
+    header = Header.from_raw(b"MSH#$*!@#RIS#HOSP#WL#RAD#20261123##ORM$O01#C9#P#2.3.1\r")
+    ack = build_ack(header, "AE", [], "bad # and $ here")
+    assert "\rMSA#AE#C9#bad !F! and !S! here\r" in ack

@@ -60,3 +60,19 @@ def test_unusable_messages_are_rejected(text: str) -> None:
     with pytest.raises(MessageError) as info:
         parse(text)
     assert info.value.reject
+
+
+@pytest.mark.parametrize("text", ["MSH|^~\\|A", "MSH|^~|A|B", "MSH|^~\\a|A", "MSH|^~^\\|A",
+                                  "MSH|^~\\\t|A"])
+def test_encoding_characters_are_checked_every_time(text: str) -> None:
+    # checked once per distinct MSH-1/MSH-2 and remembered: a bad one must still be refused each time
+    for _ in range(2):
+        with pytest.raises(MessageError) as info:
+            parse(text)
+        assert info.value.reject
+
+
+def test_mixed_separators_cut_the_same_segments() -> None:
+    m = parse(MSG.replace("\r", "\n", 1))
+    assert [s.name for s in m.segments] == ["MSH", "PID", "OBR"]
+    assert parse(MSG).segments == m.segments
