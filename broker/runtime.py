@@ -17,8 +17,8 @@ from broker.dicom import processes
 from broker.dicom.server import AssociationCount, DicomServer
 from broker.events.wiring import EventPath
 from broker.hl7.intake import Intake
-from broker.hl7.mllp import MessageHandler, MLLPServer
-from broker.hl7.process_pool import IntakeProcessPool
+from broker.hl7.intake_processes import IntakeProcesses
+from broker.hl7.mllp import MLLPServer
 from broker.mapping.rules import load_mappings
 from broker.store import migrate
 from broker.store.session import make_engine
@@ -44,20 +44,27 @@ def build_intake(settings: Settings, pool_size: int | None = None) -> Intake:
 
 async def serve(settings: Settings) -> None:
     """Run the listeners until SIGINT or SIGTERM."""
-    handler: MessageHandler
-    pool: IntakeProcessPool | None = None
+    intake: Intake | None = None
+    intake_processes: IntakeProcesses | None = None
     if settings.hl7_processes:
-        build_intake(settings)  # check schema and mappings here, with one clear line if wrong
-        pool = IntakeProcessPool(settings, settings.hl7_processes)
-        await asyncio.to_thread(pool.warm_up)
-        handler = pool
+        # Check schema and mappings here, with one clear line if wrong; the processes build their own.
+        build_intake(settings, pool_size=1).close()
+        intake_processes = IntakeProcesses(settings, settings.hl7_processes)
+        await asyncio.to_thread(intake_processes.start)
     else:
-        handler = build_intake(settings)
-    server = MLLPServer(handler, host=settings.hl7_host, port=settings.hl7_port,
+        intake = build_intake(settings)
+    # With intake processes this process only accepts, and passes each connection to one of them.
+    server = MLLPServer(intake, host=settings.hl7_host, port=settings.hl7_port,
                         max_message_bytes=settings.hl7_max_message_bytes,
                         idle_timeout=settings.hl7_idle_timeout,
-                        max_connections=settings.hl7_max_connections, workers=settings.hl7_workers)
-    await server.start()
+                        max_connections=settings.hl7_max_connections, workers=settings.hl7_workers,
+                        hand_off=intake_processes.hand_off if intake_processes is not None else None)
+    try:
+        await server.start()
+    except BaseException:
+        if intake_processes is not None:
+            await asyncio.to_thread(intake_processes.stop)
+        raise
     # The relay and workers; events.workflow holds the MPPS / IAN / commitment services for the DICOM edge.
     events = EventPath.start(settings, make_engine(settings.database_url, pool_size=10))
     several = settings.dicom_processes > 1
@@ -69,6 +76,8 @@ async def serve(settings: Settings) -> None:
     except OSError as exc:
         await server.stop()
         await asyncio.to_thread(events.stop)
+        if intake_processes is not None:
+            await asyncio.to_thread(intake_processes.stop)
         raise StartupError(f"cannot listen on DICOM port {settings.dicom_port}: {exc.strerror}") from exc
     acceptors = processes.start_acceptors(settings, count, settings.dicom_processes - 1) if several else []
     from broker.web.server import start_with_broker  # the status board and REST API (issue 6)
@@ -92,10 +101,12 @@ async def serve(settings: Settings) -> None:
         await web.stop()
     await asyncio.to_thread(processes.stop_acceptors, acceptors)
     await asyncio.to_thread(dicom.stop)
-    await server.stop()
+    await server.stop()  # with intake processes: stops accepting; they still serve their connections
+    if intake_processes is not None:
+        await asyncio.to_thread(intake_processes.stop)
     await asyncio.to_thread(events.stop)
-    if pool is not None:
-        await asyncio.to_thread(pool.shutdown)
+    if intake is not None:
+        intake.close()
     log.info("broker.stopped")
 
 

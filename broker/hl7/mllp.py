@@ -4,28 +4,45 @@ Design choices, and why:
 
 * Messages stay ``bytes`` end to end. The character set is only known after MSH-18 has been read, so
   decoding here would corrupt every message that is not in the guessed charset.
-* One asyncio task per connection reads frames and hands each one to the *synchronous* handler in a
-  shared thread pool, awaiting it before the next frame. The handler commits to the database and its
-  reply must go out before the next message of the same sender is looked at: HL7 senders rely on strict
-  in-order processing per connection, while different connections must not wait for each other.
+* One thread per connection, with a blocking socket: it reads, decodes, calls the *synchronous*
+  handler itself and sends the replies with ``sendall`` before it reads again. The handler commits to
+  the database and its reply must go out before the next message of the same sender is looked at: HL7
+  senders rely on strict in-order processing per connection, so a connection never has more than one
+  message in flight and nothing is gained by handing the call to another thread. The listener used to
+  be an asyncio loop passing every message to a thread pool and back (two cross-thread wake-ups per
+  message); on a 2-core VM that hand-off alone cost 150-270 us per round trip against ~40 us for a
+  thread that reads, handles and writes itself, and the intake has to take 500 messages/s over one
+  connection. Connections are few (``max_connections``) and mostly idle, so a thread each is cheap.
+* ``workers`` bounds how many handler calls run at once (the intake's database pool is sized by it);
+  a connection that finds all of them busy waits, which is the back-pressure a sender expects.
 * The frame parser (:class:`FrameDecoder`) is a pure class without I/O, so its corner cases (junk,
   restarts, split terminators, oversize frames) are tested directly and are independent of how TCP
   happens to split the stream.
 * A misbehaving peer (garbage, huge frames, silence, a reset) only ever ends its own connection. Nothing
-  a peer sends can stop the listener; unexpected errors are logged and close just that connection.
+  a peer sends can stop the listener or its accept thread; unexpected errors are logged and close just
+  that connection.
 * Logs carry peers, sizes and event names, never message contents (they hold patient data).
+* With ``hl7_processes`` (:mod:`broker.hl7.intake_processes`) one process is not enough for the CPU
+  the intake needs, so the same server works in two halves: in the listening process it hands every
+  accepted socket to a callable (``hand_off``) that passes it to an intake process, and only counts it
+  until it is released; in an intake process a server that does not listen serves those sockets
+  (:meth:`MLLPServer.adopt`) with exactly the thread-per-connection code above. Messages never cross a
+  process boundary, only connections do.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import enum
+import errno
 import socket
+import struct
 import threading
-from collections.abc import Callable, Coroutine
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -40,6 +57,16 @@ Peer = tuple[str, int]
 MessageHandler = Callable[[bytes, Peer], list[bytes]]
 """Synchronous (blocking) handler: one unframed message in, 0..n unframed replies out, in sending order."""
 
+Release = Callable[[], None]
+"""Called once when a connection served elsewhere has ended, so that it no longer counts."""
+
+HandOff = Callable[[socket.socket, Peer, Release], None]
+"""Takes an accepted socket to be served elsewhere (the server closes its own copy when this returns)
+and the :data:`Release` to call once that connection has ended; raises if nobody can take it."""
+
+MessageCounter = Callable[[bytes, list[bytes] | None], None]
+"""Called with each message and its replies (None: none could be given), for the metrics."""
+
 START_BLOCK = b"\x0b"
 END_BLOCK = b"\x1c"
 TERMINATOR = b"\x1c\r"
@@ -50,6 +77,9 @@ READ_CHUNK = 64 * 1024
 
 STOP_GRACE = 5.0
 """Seconds :meth:`MLLPServer.stop` gives connections that are writing a reply (not those in the handler)."""
+
+ACCEPT_RETRY_DELAY = 1.0
+"""Seconds the accept thread pauses after running out of file descriptors or memory (as asyncio does)."""
 
 
 def encode_frame(message: bytes) -> bytes:
@@ -193,6 +223,10 @@ class FrameDecoder:
         return frames
 
 
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
 class _Phase(enum.Enum):
     """What a connection is doing; :meth:`MLLPServer.stop` treats each phase differently."""
 
@@ -202,58 +236,113 @@ class _Phase(enum.Enum):
 
 
 class _Close(Exception):
-    """Ends one connection with a reason for the log line (never escapes the connection task)."""
+    """Ends one connection with a reason for the log line (never escapes the connection thread).
 
-    def __init__(self, reason: str) -> None:
+    ``abort`` resets the connection instead of closing it gracefully: for a peer that stopped reading,
+    whose unsent reply would otherwise linger in the kernel.
+    """
+
+    def __init__(self, reason: str, *, abort: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.abort = abort
 
 
 @dataclass(eq=False)
 class _Connection:
-    """Book-keeping for one accepted connection."""
+    """Book-keeping for one accepted connection; ``phase`` changes only under the server's lock."""
 
     peer: Peer
-    writer: asyncio.StreamWriter
-    task: asyncio.Task[Any] | None
+    sock: socket.socket
     decoder: FrameDecoder
     log: Any
+    thread: threading.Thread = field(init=False)
     phase: _Phase = _Phase.READING
     messages: int = 0
     bytes_in: int = 0
     junk_logged: bool = False
     abandoned_logged: int = 0
     abandoned_bytes_logged: int = 0
+    on_close: Release | None = None
 
 
-def _peer_of(writer: asyncio.StreamWriter) -> Peer:
-    """The remote address as ``(host, port)``, also for IPv6 (4-tuples) and already closed sockets."""
-    address = writer.get_extra_info("peername")
+def _peer_of(address: object) -> Peer:
+    """The remote address as ``(host, port)``, also for IPv6 (4-tuples) and unexpected shapes."""
     if isinstance(address, tuple) and len(address) >= 2:
         return str(address[0]), int(address[1])
     return "?", 0
 
 
-def _set_nodelay(writer: asyncio.StreamWriter) -> None:
+def _set_nodelay(sock: socket.socket) -> None:
     """Disable Nagle: a reply is one small write that the sender waits for before its next message."""
-    sock = writer.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    with contextlib.suppress(OSError):  # a peer that already reset: the first read will tell
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _reset_on_close(sock: socket.socket) -> None:
+    """Make the next ``close`` send a reset and drop unsent data, instead of a graceful FIN."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+
+
+def _shutdown(sock: socket.socket) -> None:
+    """Wake the thread blocked in ``recv``/``sendall``/``accept`` on ``sock``; it then closes it.
+
+    Closing the socket from here instead would not wake that thread, and could hand its file
+    descriptor number to an unrelated new socket while the thread still uses it.
+    """
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+def _bind(host: str, port: int, backlog: int) -> list[socket.socket]:
+    """Listening sockets for every address ``host`` resolves to (as :func:`asyncio.start_server`)."""
+    infos = socket.getaddrinfo(host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM,
+                               flags=socket.AI_PASSIVE)
+    listeners: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            listeners.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:  # else it would also take the IPv4 port bound next to it
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(backlog)
+    except BaseException:
+        for sock in listeners:
+            sock.close()
+        raise
+    return listeners
 
 
 class MLLPServer:
-    """Asyncio MLLP listener that passes each received message to a blocking handler in a thread pool.
+    """MLLP listener with a thread per connection that calls the blocking handler itself.
 
     ``garbled_reply`` builds the answer for a frame the handler could not deal with (it raised) and for
     an empty frame; without it such a connection is closed (a handler failure) or the frame ignored
     (an empty frame), so the sender, which got no ACK, sends again later.
+
+    The coroutine methods are for an asyncio caller (:mod:`broker.runtime`); the blocking work runs in
+    a helper thread so that the caller's loop never waits on a socket or a handler call.
+
+    Two more ways to use it, for intake processes (:mod:`broker.hl7.intake_processes`):
+
+    * ``hand_off`` (with ``handler=None``): accepted sockets are given to it instead of being served
+      here. They count towards ``max_connections`` and :attr:`connection_count` until released.
+    * :meth:`adopt`, without :meth:`start`: serve a socket accepted by another process.
+
+    ``count_message`` is told about every message answered (or not); by default it counts it in this
+    process's Prometheus counter.
     """
 
-    def __init__(self, handler: MessageHandler, *, host: str = "0.0.0.0", port: int = 2575,
+    def __init__(self, handler: MessageHandler | None, *, host: str = "0.0.0.0", port: int = 2575,
                  max_message_bytes: int = 4 * 1024 * 1024, idle_timeout: float = 600.0,
                  max_connections: int = 200, workers: int = 8,
-                 garbled_reply: Callable[[bytes], bytes] | None = None) -> None:
+                 garbled_reply: Callable[[bytes], bytes] | None = None, hand_off: HandOff | None = None,
+                 count_message: MessageCounter = count_hl7_message) -> None:
+        if (handler is None) == (hand_off is None):
+            raise ValueError("give either a handler or a hand_off")
         if workers < 1:
             raise ValueError("workers must be at least 1")
         if max_connections < 1:
@@ -268,12 +357,20 @@ class MLLPServer:
         self._max_connections = max_connections
         self._workers = workers
         self._garbled_reply = garbled_reply
-        self._server: asyncio.Server | None = None
-        self._pool: ThreadPoolExecutor | None = None
+        self._hand_off = hand_off
+        self._count_message = count_message
+        self._handler_slots = threading.BoundedSemaphore(workers)
+        self._listeners: list[socket.socket] | None = None
+        self._accept_threads: list[threading.Thread] = []
         self._port: int | None = None
+        # Guards _closing and _connections together with every connection's phase, so that stop()
+        # sees each connection either already reading (and wakes it) or not yet (and it sees _closing).
+        self._lock = threading.Lock()
         self._connections: set[_Connection] = set()
-        self._closing = False
-        self._stopped: asyncio.Event | None = None
+        self._handed_off = 0  # connections given to hand_off and not yet released
+        self._active = False  # started or adopted a socket: stop() has something to do
+        self._closing = threading.Event()
+        self._stopped: concurrent.futures.Future[None] = concurrent.futures.Future()
 
     @property
     def port(self) -> int:
@@ -288,131 +385,271 @@ class MLLPServer:
 
     @property
     def connection_count(self) -> int:
-        """Connections currently open (refused ones are never counted)."""
-        return len(self._connections)
+        """Connections currently open, served here or handed off (refused ones are never counted)."""
+        return len(self._connections) + self._handed_off
+
+    def adopt(self, sock: socket.socket, on_close: Release | None = None) -> None:
+        """Serve ``sock``, a connection accepted by another process, as if this server had accepted it.
+
+        For a server that does not listen (an intake process). ``on_close`` is called once when the
+        connection has ended, also when it is refused (``max_connections``, stopping), so that the
+        process that accepted it can stop counting it.
+        """
+        with self._lock:
+            self._active = True
+        try:
+            peer = _peer_of(sock.getpeername())
+        except OSError:  # reset before we got to it: the first read will tell
+            peer = ("?", 0)
+        try:
+            self._admit(sock, peer, on_close)
+        except BaseException:  # no connection thread took the socket
+            _reset_on_close(sock)
+            sock.close()
+            if on_close is not None:
+                on_close()
+            raise
+
+    def shutdown(self) -> None:
+        """Blocking :meth:`stop`, for synchronous code (an intake process)."""
+        self._stop()
 
     async def start(self) -> None:
         """Bind and start accepting; returns once the port is bound (errors such as EADDRINUSE raise)."""
-        if self._server is not None:
-            raise RuntimeError("the MLLP server is already started")
-        self._closing = False
-        self._stopped = asyncio.Event()
-        self._pool = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="mllp-handler")
-        try:
-            self._server = await asyncio.start_server(
-                self._on_connection, self._host, self._requested_port,
-                backlog=max(100, self._max_connections), reuse_address=True)
-        except BaseException:
-            self._pool.shutdown(wait=False)
-            self._pool = None
-            raise
-        self._port = int(self._server.sockets[0].getsockname()[1])
-        log.info("mllp.listening", host=self._host, port=self._port, workers=self._workers,
-                 max_connections=self._max_connections, max_message_bytes=self._max_message_bytes,
-                 idle_timeout=self._idle_timeout)
+        await asyncio.to_thread(self._start)
 
     async def serve_forever(self) -> None:
         """Serve until :meth:`stop` has finished (starting first if needed)."""
-        if self._server is None:
+        if self._listeners is None:
             await self.start()
-        assert self._stopped is not None
-        await self._stopped.wait()
+        # Shielded: a cancelled caller must not cancel the future that stop() completes.
+        await asyncio.shield(asyncio.wrap_future(self._stopped))
 
     async def stop(self) -> None:
-        """Stop accepting, close the connections, let running handler calls finish, shut the pool.
+        """Stop accepting, close the connections, let running handler calls finish.
 
         A handler call is never abandoned: it may be committing a message, and its reply is still sent
         if the peer is reading. Idle connections are closed at once; connections stuck writing to a
         peer that does not read are aborted after :data:`STOP_GRACE` seconds.
         """
-        if self._server is None or self._closing:
-            if self._stopped is not None:
-                await self._stopped.wait()
-            return
-        self._closing = True
-        self._server.close()
-        log.info("mllp.stopping", connections=len(self._connections))
-        for conn in list(self._connections):
-            if conn.phase is _Phase.READING:
-                conn.writer.close()  # the read sees EOF and the connection task ends
-        while self._connections:
-            tasks = {conn.task for conn in self._connections if conn.task is not None}
-            if tasks:
-                await asyncio.wait(tasks, timeout=STOP_GRACE)
-            else:
-                await asyncio.sleep(0.05)
-            for conn in list(self._connections):
-                if conn.phase is not _Phase.HANDLING:
-                    conn.writer.transport.abort()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(STOP_GRACE):
-                await self._server.wait_closed()
-        if self._pool is not None:
-            await asyncio.to_thread(self._pool.shutdown, wait=True)
-            self._pool = None
-        log.info("mllp.stopped", port=self._port)
-        assert self._stopped is not None
-        self._stopped.set()
+        await asyncio.to_thread(self._stop)
 
-    async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Connection task: refuse past the limit, else serve until EOF, error, timeout or stop."""
-        peer = _peer_of(writer)
-        peer_text = f"{peer[0]}:{peer[1]}"
-        if self._closing or len(self._connections) >= self._max_connections:
-            log.warning("mllp.connection_refused", peer=peer_text,
-                        reason="stopping" if self._closing else "max_connections",
-                        connections=len(self._connections), max_connections=self._max_connections)
-            writer.transport.abort()
+    def _start(self) -> None:
+        """Blocking :meth:`start`."""
+        if self._listeners is not None:
+            raise RuntimeError("the MLLP server is already started")
+        self._listeners = _bind(self._host, self._requested_port, max(100, self._max_connections))
+        self._port = int(self._listeners[0].getsockname()[1])
+        self._active = True
+        self._accept_threads = [threading.Thread(target=self._accept_loop, args=(listener,),
+                                                 name="mllp-accept", daemon=True)
+                                for listener in self._listeners]
+        for thread in self._accept_threads:
+            thread.start()
+        log.info("mllp.listening", host=self._host, port=self._port, workers=self._workers,
+                 max_connections=self._max_connections, max_message_bytes=self._max_message_bytes,
+                 idle_timeout=self._idle_timeout)
+
+    def _stop(self) -> None:
+        """Blocking :meth:`stop`; a second caller waits until the first one has finished."""
+        with self._lock:
+            if not self._active:
+                return
+            stopping = not self._closing.is_set()
+            self._closing.set()
+            connections = list(self._connections)  # complete: nothing is admitted from now on
+            for conn in connections:
+                if conn.phase is _Phase.READING:
+                    _shutdown(conn.sock)  # its recv returns at once and the thread ends
+        if not stopping:
+            self._stopped.result()
             return
-        _set_nodelay(writer)
-        conn = _Connection(peer=peer, writer=writer, task=asyncio.current_task(),
-                           decoder=FrameDecoder(self._max_message_bytes), log=log.bind(peer=peer_text))
-        self._connections.add(conn)
-        conn.log.info("mllp.connection_opened", connections=len(self._connections))
-        reason = "server_stopping"
-        error: str | None = None
+        log.info("mllp.stopping", connections=len(connections))
+        listeners = self._listeners or []  # none in a server that only adopts
+        for listener in listeners:
+            _shutdown(listener)  # wakes the accept thread (closing alone would not)
+        for thread in self._accept_threads:
+            thread.join()
+        for listener in listeners:
+            listener.close()
+        self._wait_for(connections)
+        log.info("mllp.stopped", port=self._port)
+        self._stopped.set_result(None)
+
+    def _wait_for(self, connections: list[_Connection]) -> None:
+        """Join the connection threads; abort the ones not in the handler every :data:`STOP_GRACE`."""
+        while connections:
+            deadline = time.monotonic() + STOP_GRACE
+            for conn in connections:
+                conn.thread.join(max(0.0, deadline - time.monotonic()))
+            with self._lock:
+                for conn in connections:
+                    if conn in self._connections and conn.phase is not _Phase.HANDLING:
+                        _reset_on_close(conn.sock)
+                        _shutdown(conn.sock)  # sendall fails at once, the thread closes with a reset
+            connections = [conn for conn in connections if conn.thread.is_alive()]
+
+    def _accept_loop(self, listener: socket.socket) -> None:
+        """Accept thread: admit connections until :meth:`stop`; no error of one connection ends it."""
+        while True:
+            try:
+                sock, address = listener.accept()
+            except OSError as exc:
+                if self._closing.is_set():
+                    return
+                log.warning("mllp.accept_failed", error=type(exc).__name__,
+                            errno=errno.errorcode.get(exc.errno or 0))
+                if exc.errno in _OUT_OF_RESOURCES:
+                    self._closing.wait(ACCEPT_RETRY_DELAY)  # connections are waiting in the backlog
+                continue
+            try:
+                if self._hand_off is not None:
+                    self._pass_on(sock, _peer_of(address))
+                else:
+                    self._admit(sock, _peer_of(address))
+            except Exception:  # no connection thread (or hand_off) took the socket
+                log.exception("mllp.accept_failed")
+                _reset_on_close(sock)
+                sock.close()
+
+    def _refusal(self) -> str | None:
+        """Why a new connection is refused now, or None to admit it; the caller holds the lock."""
+        if self._closing.is_set():
+            return "stopping"
+        if self.connection_count >= self._max_connections:
+            return "max_connections"
+        return None
+
+    def _admit(self, sock: socket.socket, peer: Peer, on_close: Release | None = None) -> None:
+        """Start a connection thread for ``sock``, or reset it past the limit or while stopping."""
+        peer_text = f"{peer[0]}:{peer[1]}"
+        conn = _Connection(peer=peer, sock=sock, decoder=FrameDecoder(self._max_message_bytes),
+                           log=log.bind(peer=peer_text), on_close=on_close)
+        conn.thread = threading.Thread(target=self._run_connection, args=(conn,),
+                                       name=f"mllp-conn-{peer[1]}", daemon=True)
+        with self._lock:
+            refused = self._refusal()
+            if refused is None:
+                self._connections.add(conn)
+                try:
+                    # Started under the lock, so that stop() only ever joins threads that run.
+                    conn.thread.start()
+                except BaseException:
+                    self._connections.discard(conn)
+                    raise
+                return
+            connections = self.connection_count
+        self._refuse(sock, peer_text, refused, connections)
+        if on_close is not None:
+            on_close()
+
+    def _pass_on(self, sock: socket.socket, peer: Peer) -> None:
+        """Give ``sock`` to ``hand_off``, counted until released; or reset it past the limit or while stopping.
+
+        Counted before it is handed off, so that a release reported at once cannot come first.
+        """
+        assert self._hand_off is not None
+        with self._lock:
+            refused = self._refusal()
+            if refused is None:
+                self._handed_off += 1
+            connections = self.connection_count
+        if refused is not None:
+            self._refuse(sock, f"{peer[0]}:{peer[1]}", refused, connections)
+            return
+        release = self._releaser()
         try:
-            reason = await self._serve(conn, reader)
+            self._hand_off(sock, peer, release)
+        except BaseException:
+            release()
+            raise
+        sock.close()  # the receiver has its own copy of the descriptor
+
+    def _releaser(self) -> Release:
+        """A :data:`Release` for one handed-off connection; calls after the first change nothing."""
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            with self._lock:
+                if not released:
+                    released = True
+                    self._handed_off -= 1
+
+        return release
+
+    def _refuse(self, sock: socket.socket, peer_text: str, reason: str, connections: int) -> None:
+        """Log the refusal and reset ``sock``."""
+        log.warning("mllp.connection_refused", peer=peer_text, reason=reason,
+                    connections=connections, max_connections=self._max_connections)
+        # Yield the GIL once: a client in this process (tests, benchmarks) whose connect has completed
+        # in the kernel would otherwise see the reset as a failed connect rather than as a refusal.
+        time.sleep(0)
+        _reset_on_close(sock)
+        sock.close()
+
+    def _run_connection(self, conn: _Connection) -> None:
+        """Connection thread: serve until EOF, error, timeout or stop, then close and log."""
+        conn.log.info("mllp.connection_opened", connections=len(self._connections))
+        reason = "internal_error"
+        error: str | None = None
+        abort = False
+        try:
+            _set_nodelay(conn.sock)
+            conn.sock.settimeout(self._idle_timeout)
+            reason = self._serve(conn)
         except _Close as close:
             reason = close.reason
-        except (ConnectionError, OSError) as exc:
+            abort = close.abort
+        except OSError as exc:
             # A peer that resets mid-frame or mid-reply is routine on hospital networks: one line, no trace.
             reason = f"connection_lost_while_{conn.phase.value}"
             error = type(exc).__name__
-        except asyncio.CancelledError:
-            reason = "cancelled"
-            raise
         except Exception:
-            reason = "internal_error"
             conn.log.exception("mllp.connection_failed")
         finally:
-            self._connections.discard(conn)
+            with self._lock:  # stop() only touches sockets of connections in the set
+                self._connections.discard(conn)
+                connections = len(self._connections)
+                if abort:
+                    _reset_on_close(conn.sock)
+                conn.sock.close()
             conn.log.info("mllp.connection_closed", reason=reason, error=error, messages=conn.messages,
                           bytes=conn.bytes_in, junk_bytes=conn.decoder.junk_bytes,
                           abandoned_frames=conn.decoder.abandoned_frames,
-                          partial_bytes=conn.decoder.pending_bytes, connections=len(self._connections))
-            await self._close_writer(writer)
+                          partial_bytes=conn.decoder.pending_bytes, connections=connections)
+            self._closed(conn)
 
-    async def _close_writer(self, writer: asyncio.StreamWriter) -> None:
-        """Close gracefully (flushing what is queued) but never wait on a peer that stopped reading."""
-        writer.close()
+    @staticmethod
+    def _closed(conn: _Connection) -> None:
+        """Tell whoever handed the connection over that it has ended; a failure only ends up in the log."""
+        if conn.on_close is None:
+            return
         try:
-            async with asyncio.timeout(STOP_GRACE):
-                await writer.wait_closed()
-        except (Exception, asyncio.CancelledError):
-            writer.transport.abort()
+            conn.on_close()
+        except Exception:
+            conn.log.exception("mllp.close_report_failed")
 
-    async def _serve(self, conn: _Connection, reader: asyncio.StreamReader) -> str:
+    def _enter(self, conn: _Connection, phase: _Phase) -> None:
+        """Move ``conn`` to ``phase``; raise :class:`_Close` instead of reading or handling once stopping.
+
+        Writing always goes ahead: it sends the reply of a message the handler has already taken.
+        """
+        with self._lock:
+            if phase is not _Phase.WRITING and self._closing.is_set():
+                raise _Close("server_stopping")
+            conn.phase = phase
+
+    def _serve(self, conn: _Connection) -> str:
         """Read, decode and answer frames in order; returns why the connection ended."""
-        while not self._closing:
-            conn.phase = _Phase.READING
+        while True:
+            self._enter(conn, _Phase.READING)
             try:
-                async with asyncio.timeout(self._idle_timeout):
-                    data = await reader.read(READ_CHUNK)
+                data = conn.sock.recv(READ_CHUNK)
             except TimeoutError:
                 return "idle_timeout"
             if not data:
-                if self._closing:
+                if self._closing.is_set():
                     return "server_stopping"
                 return "closed_mid_frame" if conn.decoder.in_frame else "peer_closed"
             conn.bytes_in += len(data)
@@ -425,12 +662,10 @@ class MLLPServer:
                 conn.log.warning("mllp.frame_too_large", bytes=exc.size, max_message_bytes=exc.limit)
             self._log_discards(conn)
             for message in frames:
-                if self._closing:
-                    return "server_stopping"
-                await self._answer(conn, message)
+                self._enter(conn, _Phase.HANDLING)  # a frame decoded after stop() began is not handled
+                self._answer(conn, message)
             if too_large is not None:
                 return "frame_too_large"
-        return "server_stopping"
 
     def _log_discards(self, conn: _Connection) -> None:
         """Warn about discarded bytes without flooding: junk once per connection, restarts per read."""
@@ -445,7 +680,7 @@ class MLLPServer:
             conn.abandoned_logged = decoder.abandoned_frames
             conn.abandoned_bytes_logged = decoder.abandoned_bytes
 
-    async def _answer(self, conn: _Connection, message: bytes) -> None:
+    def _answer(self, conn: _Connection, message: bytes) -> None:
         """Run the handler for one message and send its replies; raise :class:`_Close` to hang up."""
         conn.messages += 1
         if not message:
@@ -455,23 +690,20 @@ class MLLPServer:
             conn.log.info("mllp.empty_frame")
             replies = [self._garbled(conn, message)]
         else:
-            conn.phase = _Phase.HANDLING
+            assert self._handler is not None  # a server with hand_off serves no connection itself
             try:
-                assert self._pool is not None
-                loop = asyncio.get_running_loop()
-                result = await loop.run_in_executor(self._pool, self._handler, message, conn.peer)
+                with self._handler_slots:
+                    result = self._handler(message, conn.peer)
                 replies = self._checked_replies(result)
-            except asyncio.CancelledError:
-                raise
             except Exception:
                 conn.log.exception("mllp.handler_failed", bytes=len(message))
-                count_hl7_message(message, None)
+                self._count_message(message, None)
                 if self._garbled_reply is None:
                     raise _Close("handler_failed") from None
                 replies = [self._garbled(conn, message)]
             else:
-                count_hl7_message(message, replies)
-        await self._write(conn, replies)
+                self._count_message(message, replies)
+        self._write(conn, replies)
 
     def _garbled(self, conn: _Connection, message: bytes) -> bytes:
         """The configured answer to an unprocessable frame; if even that fails, hang up."""
@@ -497,26 +729,30 @@ class MLLPServer:
             replies.append(reply)
         return replies
 
-    async def _write(self, conn: _Connection, replies: list[bytes]) -> None:
-        """Send all replies of one message in one write; a peer that stops reading times out."""
+    def _write(self, conn: _Connection, replies: list[bytes]) -> None:
+        """Send all replies of one message in one write; a peer that stops reading times out.
+
+        The socket timeout bounds the whole ``sendall``, not each partial send: a peer gets
+        ``idle_timeout`` seconds to take a reply, however large.
+        """
         if not replies:
             return
-        conn.phase = _Phase.WRITING
-        conn.writer.write(b"".join(encode_frame(reply) for reply in replies))
+        self._enter(conn, _Phase.WRITING)
         try:
-            async with asyncio.timeout(self._idle_timeout):
-                await conn.writer.drain()
+            conn.sock.sendall(b"".join(encode_frame(reply) for reply in replies))
         except TimeoutError:
-            raise _Close("write_timeout") from None
+            raise _Close("write_timeout", abort=True) from None
 
 
 class ServerThread:
-    """An :class:`MLLPServer` running on its own event loop in a daemon thread (tests, benchmarks)."""
+    """An :class:`MLLPServer` started and stopped from synchronous code (tests, benchmarks).
+
+    The server runs in its own accept and connection threads; the name is from when it needed an
+    event loop thread, and stays for its callers.
+    """
 
     def __init__(self, server: MLLPServer) -> None:
         self.server = server
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, name="mllp-server", daemon=True)
         self._stopped = False
 
     @property
@@ -524,46 +760,16 @@ class ServerThread:
         """The port the server is bound to."""
         return self.server.port
 
-    def _run(self) -> None:
-        """Thread body: run the loop until :meth:`stop`, then finish what is left and close it."""
-        asyncio.set_event_loop(self._loop)
-        try:
-            self._loop.run_forever()
-        finally:
-            pending = asyncio.all_tasks(self._loop)
-            for task in pending:
-                task.cancel()
-            if pending:
-                self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-            self._loop.run_until_complete(self._loop.shutdown_asyncgens())
-            self._loop.run_until_complete(self._loop.shutdown_default_executor())
-            self._loop.close()
-
-    def _call(self, coroutine: Coroutine[Any, Any, None], timeout: float | None = None) -> None:
-        """Run ``coroutine`` on the server's loop and wait for it from the calling thread."""
-        asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
-
     def start(self) -> None:
-        """Start the loop thread and bind the server; raises (and cleans up) if binding fails."""
-        self._thread.start()
-        try:
-            self._call(self.server.start(), timeout=30)
-        except BaseException:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join()
-            self._stopped = True
-            raise
+        """Bind the server and start accepting; raises if binding fails."""
+        self.server._start()
 
     def stop(self) -> None:
-        """Stop the server (waiting for running handler calls), then the loop; joins the thread."""
+        """Stop the server, waiting for running handler calls; safe to call more than once."""
         if self._stopped:
             return
         self._stopped = True
-        try:
-            self._call(self.server.stop())
-        finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join()
+        self.server._stop()
 
     def __enter__(self) -> ServerThread:
         return self
@@ -573,7 +779,7 @@ class ServerThread:
 
 
 def run_in_thread(server: MLLPServer) -> ServerThread:
-    """Start ``server`` on an event loop in a daemon thread; returns once it is bound."""
+    """Start ``server`` from synchronous code; returns once it is bound and accepting."""
     thread = ServerThread(server)
     thread.start()
     return thread

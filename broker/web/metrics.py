@@ -29,13 +29,30 @@ CFIND_SECONDS = Histogram("broker_mwl_cfind_seconds", "Modality Worklist C-FIND:
 def count_hl7_message(raw: bytes, replies: list[bytes] | None) -> None:
     """Count one message the listener answered (``replies``; None = it could not answer)."""
     try:
-        outcome = "none"
-        if replies:
-            reply = replies[-1]
-            at = reply.find(b"MSA")
-            if at >= 0:
-                outcome = reply[at + 4:at + 6].decode("ascii", errors="replace").strip("|") or "none"
-        HL7_MESSAGES.labels(_message_type(raw), outcome).inc()
+        count_hl7_labels(*hl7_message_labels(raw, replies))
+    except Exception:  # a metric must never break the answer
+        log.debug("metrics.hl7_count_failed", exc_info=True)
+
+
+def hl7_message_labels(raw: bytes, replies: list[bytes] | None) -> tuple[str, str]:
+    """The (message type, outcome) labels :func:`count_hl7_message` counts a message under.
+
+    Separate so that an HL7 intake process (``BROKER_HL7_PROCESSES``) can extract them where the message
+    is and send only the two short strings to the main process, whose ``/metrics`` counts them.
+    """
+    outcome = "none"
+    if replies:
+        reply = replies[-1]
+        at = reply.find(b"MSA")
+        if at >= 0:
+            outcome = reply[at + 4:at + 6].decode("ascii", errors="replace").strip("|") or "none"
+    return _message_type(raw), outcome
+
+
+def count_hl7_labels(message_type: str, outcome: str) -> None:
+    """Count one message from labels already extracted by :func:`hl7_message_labels` (in another process)."""
+    try:
+        HL7_MESSAGES.labels(message_type, outcome).inc()
     except Exception:  # a metric must never break the answer
         log.debug("metrics.hl7_count_failed", exc_info=True)
 

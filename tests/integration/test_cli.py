@@ -9,13 +9,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from broker.hl7.mllp_client import MLLPClient
+from broker.hl7.mllp_client import MLLPClient, MLLPError
 from tests.conftest import ROOT, sample
 from tests.hl7_support import msa_code
 
@@ -73,11 +73,54 @@ def broker_run(env: dict[str, str], *ports: int, stderr: Any = subprocess.PIPE) 
 @pytest.fixture
 def started(database_url: str, request: pytest.FixtureRequest) -> Iterator[tuple[int, subprocess.Popen[str]]]:
     processes = getattr(request, "param", "0")
-    port = free_port()
+    port, http_port = free_port(), free_port()
     env = env_for(database_url, BROKER_HL7_PORT=str(port), BROKER_HL7_PROCESSES=processes,
-                  BROKER_DICOM_PORT=str(free_port()))
-    with broker_run(env, port) as process:
+                  BROKER_DICOM_PORT=str(free_port()), BROKER_HTTP_PORT=str(http_port))
+    # The HTTP server is the last thing started before the SIGTERM handler: a test's SIGTERM earlier
+    # would kill the broker (-15) instead of stopping it. Its own port also avoids a clash on 8080.
+    with broker_run(env, port, http_port) as process:
         yield port, process
+
+
+def local_port(client: MLLPClient) -> int:
+    """The client side's port of ``client``'s open connection."""
+    assert client._sock is not None, "the client is not connected"
+    return int(client._sock.getsockname()[1])
+
+
+def broker_processes(parent: int) -> list[int]:
+    """``parent`` and its child processes (intake and other worker processes)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with suppress(OSError, IndexError, ValueError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == parent:
+                children.append(int(stat.parent.name))
+    return [parent, *children]
+
+
+def serving_processes(port: int, client_ports: list[int], parent: int, seconds: float = 10) -> dict[int, int]:
+    """For each of ``client_ports``: the pid of the one broker process holding the server side of that
+    connection to ``port`` (read from /proc: which process really serves it)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        inodes: dict[str, int] = {}
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            fields = line.split()
+            local, remote = int(fields[1].split(":")[1], 16), int(fields[2].split(":")[1], 16)
+            if local == port and remote in client_ports and fields[9] != "0":
+                inodes[f"socket:[{fields[9]}]"] = remote
+        holders: dict[int, set[int]] = {client: set() for client in client_ports}
+        for pid in broker_processes(parent):
+            for fd in Path(f"/proc/{pid}/fd").glob("*"):
+                with suppress(OSError):
+                    target = os.readlink(fd)
+                    if target in inodes:
+                        holders[inodes[target]].add(pid)
+        if all(len(pids) == 1 for pids in holders.values()):
+            return {client: next(iter(pids)) for client, pids in holders.items()}
+        # The listener holds an accepted socket for a moment before it has handed it off.
+        assert time.monotonic() < deadline, f"connections not held by exactly one process: {holders}"
+        time.sleep(0.1)
 
 
 @pytest.mark.parametrize("started", ["0", "2"], indirect=True, ids=["threads", "worker-processes"])
@@ -100,15 +143,35 @@ def test_broker_run_takes_the_samples(started: tuple[int, subprocess.Popen[str]]
 
 @pytest.mark.parametrize("started", ["1"], indirect=True, ids=["one-worker-process"])
 def test_a_killed_worker_process_is_replaced(started: tuple[int, subprocess.Popen[str]]) -> None:
+    """An intake process serves whole connections, so its connections die with it; the sender reconnects
+    and resends, a replacement process serves the new connection, and a resent message that had been
+    answered gets its original ACK."""
     port, process = started
-    children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
-    assert children, "the worker process should be running"
     with MLLPClient("127.0.0.1", port) as client:
-        assert msa_code(client.send(sample("orm_o01_new.hl7"))) == "AA"
-        for pid in children:
-            os.kill(int(pid), signal.SIGKILL)
-        time.sleep(0.5)
-        assert msa_code(client.send(sample("adt_a08_update.hl7"))) == "AA"
+        first_ack = client.send(sample("orm_o01_new.hl7"))
+        assert msa_code(first_ack) == "AA"
+        (victim,) = serving_processes(port, [local_port(client)], process.pid).values()
+        assert victim != process.pid, "the connection should be served by an intake process"
+        os.kill(victim, signal.SIGKILL)
+        with pytest.raises(MLLPError):  # the kernel closed the connection with its process
+            client.send(sample("adt_a08_update.hl7"))
+    deadline = time.monotonic() + 90
+    while True:  # as a sender does: reconnect and resend until answered
+        try:
+            with MLLPClient("127.0.0.1", port, timeout=60) as client:
+                assert client.send(sample("orm_o01_new.hl7")) == first_ack
+                assert msa_code(client.send(sample("adt_a08_update.hl7"))) == "AA"
+                (replacement,) = serving_processes(port, [local_port(client)], process.pid).values()
+            break
+        except MLLPError:  # refused while no intake process was running
+            assert time.monotonic() < deadline, "no intake process took the connection again"
+            time.sleep(0.5)
+    assert replacement not in (victim, process.pid)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0
+    assert process.stderr is not None
+    log = process.stderr.read()
+    assert '"event": "hl7.worker_process_died"' in log and '"event": "broker.stopped"' in log
 
 
 def test_run_refuses_an_unmigrated_database(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import struct
 import threading
@@ -318,6 +319,123 @@ def test_stop_waits_for_running_handler_and_sends_its_reply() -> None:
     busy.close()
 
 
+def test_workers_bounds_handler_calls_across_connections() -> None:
+    lock = threading.Lock()
+    running = 0
+    most = 0
+
+    def slow_handler(message: bytes, peer: Peer) -> list[bytes]:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        time.sleep(0.002)
+        with lock:
+            running -= 1
+        return [reply_for(message)]
+
+    def talk(n: int) -> list[tuple[bytes, bytes]]:
+        with MLLPClient(HOST, thread.port, timeout=10) as client:
+            messages = [b"MSH|conn-%d|msg-%d" % (n, i) for i in range(30)]
+            return [(client.send(m), reply_for(m)) for m in messages]
+
+    with serve(slow_handler, workers=1) as thread, ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(talk, range(3)))
+    assert all(got == want for conversation in results for got, want in conversation)
+    assert sum(len(conversation) for conversation in results) == 90
+    assert most == 1  # a connection waits for the one handler slot instead of running beside it
+
+
+def test_threads_are_named_and_joined_on_stop() -> None:
+    thread = serve()
+    with socket.create_connection((HOST, thread.port), timeout=5) as sock:
+        sock.sendall(encode_frame(b"named"))
+        assert read_frames(sock, 1) == [reply_for(b"named")]
+        name = f"mllp-conn-{sock.getsockname()[1]}"
+        threads = {t.name: t for t in threading.enumerate()}
+        assert threads[name].daemon
+        assert threads["mllp-accept"].daemon
+        thread.stop()
+    assert name not in {t.name for t in threading.enumerate()}
+
+
+def test_accept_thread_survives_a_burst_of_resetting_connections() -> None:
+    def reset_at_once(payload: bytes) -> None:
+        with socket.create_connection((HOST, thread.port), timeout=5) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            if payload:
+                sock.sendall(payload)
+
+    payloads = [b"", SB + b"MSH|half", encode_frame(b"MSH|whole") + SB] * 40
+    with serve(max_connections=5) as thread, structlog.testing.capture_logs() as logs, \
+            ThreadPoolExecutor(8) as pool:
+        list(pool.map(reset_at_once, payloads))  # more at once than max_connections: some are refused
+        wait_for(lambda: thread.server.connection_count == 0)
+        assert_alive(thread.port)
+        assert_alive(thread.port)
+    events = [entry["event"] for entry in logs]
+    assert "mllp.accept_failed" not in events
+    assert "mllp.connection_failed" not in events
+    assert all("exc_info" not in entry for entry in logs)
+
+
+def big_reply(message: bytes, peer: Peer) -> list[bytes]:
+    return [b"R" * 16_000_000] if message == b"BIG" else [reply_for(message)]
+
+
+def stalled_reader(port: int) -> socket.socket:
+    """A connection that asks for a reply far larger than the socket buffers and never reads it."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((HOST, port))
+    sock.sendall(encode_frame(b"BIG"))
+    return sock
+
+
+def test_peer_that_does_not_read_its_replies_times_out() -> None:
+    with serve(big_reply, idle_timeout=0.5) as thread, structlog.testing.capture_logs() as logs, \
+            stalled_reader(thread.port):
+        started = time.monotonic()
+        wait_for(lambda: any(entry["event"] == "mllp.connection_closed" for entry in logs))
+        assert time.monotonic() - started < 3
+        assert_alive(thread.port)
+    closed = [entry for entry in logs if entry["event"] == "mllp.connection_closed"]
+    assert closed[0]["reason"] == "write_timeout"
+
+
+def test_stop_aborts_a_connection_stuck_writing_after_the_grace(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("broker.hl7.mllp.STOP_GRACE", 0.3)
+    with structlog.testing.capture_logs() as logs:
+        thread = serve(big_reply, idle_timeout=60)
+        with stalled_reader(thread.port):
+            wait_for(lambda: any(entry["event"] == "mllp.connection_opened" for entry in logs))
+            time.sleep(0.2)  # the server is blocked writing 16 MB
+            started = time.monotonic()
+            thread.stop()
+            assert time.monotonic() - started < 3
+    assert thread.server.connection_count == 0
+    closed = [entry for entry in logs if entry["event"] == "mllp.connection_closed"]
+    assert [entry["reason"] for entry in closed] == ["connection_lost_while_writing"]
+    assert [entry["event"] for entry in logs][-1] == "mllp.stopped"
+
+
+def test_asyncio_start_serve_forever_and_stop() -> None:
+    async def scenario() -> None:
+        server = MLLPServer(handler, host=HOST, port=0)
+        await server.start()
+        with pytest.raises(OSError):  # EADDRINUSE surfaces from start(), not later
+            await MLLPServer(handler, host=HOST, port=server.port).start()
+        serving = asyncio.create_task(server.serve_forever())
+        reply = await asyncio.to_thread(MLLPClient(HOST, server.port, timeout=5).send, b"async")
+        assert reply == reply_for(b"async")
+        assert not serving.done()
+        await server.stop()
+        await asyncio.wait_for(serving, timeout=5)
+        await server.stop()  # idempotent
+
+    asyncio.run(scenario())
+
+
 def test_logs_name_events_but_never_contents(server: ServerThread) -> None:
     secret = b"MSH|^~\\&|RIS|H|||ORM^O01|1|P|2.5.1\rPID|1||SECRET-MRN||DOE^JANE\r"
     with structlog.testing.capture_logs() as logs:
@@ -378,3 +496,64 @@ def test_arbitrary_bytes_never_hang_or_kill_the_server(
     else:
         assert (replies, how) == (expected, "eof")
     assert_alive(fuzz_server.port)
+
+
+# --- hand_off and adopt: the two halves that intake processes (BROKER_HL7_PROCESSES) use -------------------
+
+def wait_until(condition: Callable[[], bool], seconds: float = 5) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
+def test_hand_off_and_adopt_serve_the_connection_elsewhere_counted_until_released() -> None:
+    """A listener with ``hand_off`` serves nothing itself and counts each connection it handed on until
+    released; a server that never listens serves them with :meth:`MLLPServer.adopt` and reports each
+    closed one. Here both are in one process, and a ``dup`` stands in for passing the descriptor."""
+    counted: list[tuple[bytes, list[bytes] | None]] = []
+    adopter = MLLPServer(handler, count_message=lambda raw, replies: counted.append((raw, replies)))
+
+    def hand_off(sock: socket.socket, peer: Peer, release: Callable[[], None]) -> None:
+        assert peer[0] == HOST
+        adopter.adopt(sock.dup(), on_close=release)
+
+    with run_in_thread(MLLPServer(None, host=HOST, port=0, max_connections=2, hand_off=hand_off)) as listener:
+        first, second = MLLPClient(HOST, listener.port), MLLPClient(HOST, listener.port)
+        assert first.send(b"MSH|one") == reply_for(b"MSH|one")
+        assert second.send(b"MSH|two") == reply_for(b"MSH|two")
+        assert listener.server.connection_count == 2 and adopter.connection_count == 2
+        with socket.create_connection((HOST, listener.port), timeout=5) as third:  # past max_connections
+            assert read_to_close(third, timeout=5)[0] == []
+        first.close()
+        wait_until(lambda: listener.server.connection_count == 1)  # released when the adopter closed it
+        with MLLPClient(HOST, listener.port) as fourth:
+            assert fourth.send(b"MSH|four") == reply_for(b"MSH|four")
+        second.close()
+        wait_until(lambda: listener.server.connection_count == 0)
+    adopter.shutdown()
+    assert [raw for raw, _ in counted] == [b"MSH|one", b"MSH|two", b"MSH|four"]
+
+
+def test_an_adopted_connection_is_closed_gracefully_by_shutdown() -> None:
+    """``shutdown`` of a server that only adopts: an idle connection is closed and reported at once."""
+    closed = threading.Event()
+    adopter = MLLPServer(handler)
+    with socket.create_server((HOST, 0)) as listener:
+        client = socket.create_connection(listener.getsockname()[:2], timeout=5)
+        accepted, _ = listener.accept()
+        adopter.adopt(accepted, on_close=closed.set)
+        client.sendall(encode_frame(b"MSH|x"))
+        decoder = FrameDecoder(1 << 20)
+        assert decoder.feed(client.recv(65536)) == [reply_for(b"MSH|x")]
+        adopter.shutdown()
+        assert closed.is_set()
+        assert read_to_close(client, timeout=5) == ([], "eof")
+        client.close()
+
+
+def test_a_server_needs_a_handler_or_a_hand_off() -> None:
+    with pytest.raises(ValueError):
+        MLLPServer(None)
+    with pytest.raises(ValueError):
+        MLLPServer(handler, hand_off=lambda sock, peer, release: None)
