@@ -32,7 +32,8 @@ class StartupError(Exception):
 
 def build_intake(settings: Settings, pool_size: int | None = None) -> Intake:
     """The HL7 intake wired to the configured database and mappings."""
-    engine = make_engine(settings.database_url, pool_size=pool_size or settings.hl7_workers)
+    engine = make_engine(settings.database_url, pool_size=pool_size or settings.hl7_workers,
+                         plan_each_execution=True)
     if not migrate.is_current(engine):
         raise StartupError("the database schema is not current: run 'broker db upgrade' first")
     mappings = load_mappings(settings.mappings_dir)

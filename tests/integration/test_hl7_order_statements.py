@@ -13,10 +13,12 @@ from typing import Any
 
 import psycopg
 import pytest
-from sqlalchemy import Engine, event, select
+from sqlalchemy import Engine, event, select, text
 
 from broker.hl7.intake import Intake
 from broker.mapping.rules import MappingSet
+from broker.store import migrate
+from broker.store.session import make_engine
 from broker.store.tables import Order, Patient, RequestedProcedure, ScheduledStep, StepTransition, table_of
 from tests.conftest import sample
 from tests.hl7_support import msa_code, with_control_id
@@ -92,3 +94,22 @@ def test_new_patient_and_order_rows(engine: Engine, mappings: MappingSet, statem
     assert {s.procedure_fk for s in steps} == {p.id for p in procedures}
     assert sorted(t.step_fk for t in transitions) == [s.id for s in steps]
     assert [s.patient_name for s in steps] == [patient.patient_name] * 2
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_postgresql_plans_the_order_lookup_for_each_messages_values(database_url: str, mappings: MappingSet) -> None:
+    """A generic plan made while the tables are empty would keep scanning every order (see make_engine)."""
+    engine = make_engine(database_url, plan_each_execution=True)
+    migrate.upgrade(engine)
+    intake = Intake(engine, mappings)
+    for number in range(300):  # the tables grow: a cached generic plan would now look cheaper
+        order = (with_control_id(NEW, f"RIS{number:06d}").replace(b"PO-77001", b"PO-%d" % number)
+                 .replace(b"FO-77001", b"FO-%d" % number).replace(b"SPS77001", b"SPS-%d" % number))
+        assert msa_code(intake.handle(order)[0]) == "AA"
+    intake.close()  # its connection, with the statements psycopg prepared on it, goes back to the pool
+    with engine.connect() as db:
+        plans = db.execute(text("SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements "
+                                "WHERE statement LIKE '%FROM orders%'")).all()
+    engine.dispose()
+    assert plans, "the order lookup should be a prepared statement after ten orders"
+    assert all(row.generic_plans == 0 and row.custom_plans >= 5 for row in plans), plans
