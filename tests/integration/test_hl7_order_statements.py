@@ -102,7 +102,7 @@ def test_postgresql_plans_the_order_lookup_for_each_messages_values(database_url
     engine = make_engine(database_url, plan_each_execution=True)
     migrate.upgrade(engine)
     intake = Intake(engine, mappings)
-    for number in range(300):  # the tables grow: a cached generic plan would now look cheaper
+    for number in range(300):  # as the tables grow, a generic plan made early looks ever cheaper
         order = (with_control_id(NEW, f"RIS{number:06d}").replace(b"PO-77001", b"PO-%d" % number)
                  .replace(b"FO-77001", b"FO-%d" % number).replace(b"SPS77001", b"SPS-%d" % number))
         assert msa_code(intake.handle(order)[0]) == "AA"
