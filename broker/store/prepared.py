@@ -100,19 +100,19 @@ class Prepared:
 
     def rowcount(self, db: Connection, params: Mapping[str, Any]) -> int:
         """Rows changed by an UPDATE or DELETE."""
-        form, cursor = self._execute(db, params)
-        count = int(cursor.rowcount)
-        if form is not None:
-            cursor.close()
-        return count
+        return int(self._written(db, params, "rowcount"))
 
     def lastrowid(self, db: Connection, params: Mapping[str, Any]) -> int:
         """The key of the row an INSERT made (SQLite: the rowid, which is every table's key here)."""
+        return int(self._written(db, params, "lastrowid"))
+
+    def _written(self, db: Connection, params: Mapping[str, Any], attribute: str) -> Any:
+        """Run a statement whose rows nobody reads; the cursor's ``attribute`` after it."""
         form, cursor = self._execute(db, params)
-        key = int(cursor.lastrowid)
+        value = getattr(cursor, attribute)
         if form is not None:
             cursor.close()
-        return key
+        return value
 
     # --- execution ----------------------------------------------------------------------------------
     def _execute(self, db: Connection, params: Mapping[str, Any]) -> tuple[_Form | None, Any]:

@@ -122,7 +122,9 @@ def test_pipelined_frames_are_answered_in_order(server: ServerThread) -> None:
         assert read_frames(sock, 50) == [reply_for(m) for m in messages]
 
 
-def test_concurrent_connections_are_independent() -> None:
+def slow_conversations(workers: int, connections: int, messages: int) -> int:
+    """``connections`` clients send ``messages`` each to a server whose handler takes 2 ms; every reply
+    must be the right one. Returns the most handler calls that ran at the same time."""
     lock = threading.Lock()
     running = 0
     most = 0
@@ -139,14 +141,18 @@ def test_concurrent_connections_are_independent() -> None:
 
     def talk(n: int) -> list[tuple[bytes, bytes]]:
         with MLLPClient(HOST, thread.port, timeout=10) as client:
-            messages = [b"MSH|conn-%d|msg-%d" % (n, i) for i in range(50)]
-            return [(client.send(m), reply_for(m)) for m in messages]
+            sent = [b"MSH|conn-%d|msg-%d" % (n, i) for i in range(messages)]
+            return [(client.send(m), reply_for(m)) for m in sent]
 
-    with serve(slow_handler, workers=8) as thread, ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(talk, range(8)))
+    with serve(slow_handler, workers=workers) as thread, ThreadPoolExecutor(connections) as pool:
+        results = list(pool.map(talk, range(connections)))
     assert all(got == want for conversation in results for got, want in conversation)
-    assert sum(len(conversation) for conversation in results) == 400
-    assert most >= 2  # handler calls of different connections did overlap
+    assert sum(len(conversation) for conversation in results) == connections * messages
+    return most
+
+
+def test_concurrent_connections_are_independent() -> None:
+    assert slow_conversations(workers=8, connections=8, messages=50) >= 2  # handler calls did overlap
 
 
 def test_max_connections_refuses_extra_connections() -> None:
@@ -320,30 +326,8 @@ def test_stop_waits_for_running_handler_and_sends_its_reply() -> None:
 
 
 def test_workers_bounds_handler_calls_across_connections() -> None:
-    lock = threading.Lock()
-    running = 0
-    most = 0
-
-    def slow_handler(message: bytes, peer: Peer) -> list[bytes]:
-        nonlocal running, most
-        with lock:
-            running += 1
-            most = max(most, running)
-        time.sleep(0.002)
-        with lock:
-            running -= 1
-        return [reply_for(message)]
-
-    def talk(n: int) -> list[tuple[bytes, bytes]]:
-        with MLLPClient(HOST, thread.port, timeout=10) as client:
-            messages = [b"MSH|conn-%d|msg-%d" % (n, i) for i in range(30)]
-            return [(client.send(m), reply_for(m)) for m in messages]
-
-    with serve(slow_handler, workers=1) as thread, ThreadPoolExecutor(3) as pool:
-        results = list(pool.map(talk, range(3)))
-    assert all(got == want for conversation in results for got, want in conversation)
-    assert sum(len(conversation) for conversation in results) == 90
-    assert most == 1  # a connection waits for the one handler slot instead of running beside it
+    # a connection waits for the one handler slot instead of running beside it
+    assert slow_conversations(workers=1, connections=3, messages=30) == 1
 
 
 def test_threads_are_named_and_joined_on_stop() -> None:
