@@ -45,6 +45,12 @@ def build_intake(settings: Settings, pool_size: int | None = None) -> Intake:
 
 async def serve(settings: Settings) -> None:
     """Run the listeners until SIGINT or SIGTERM."""
+    # First of all: the HL7 listener answers as soon as it is bound, while the rest is still starting,
+    # and a SIGTERM in that time must stop the broker cleanly (after start-up), not kill it.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     intake: Intake | None = None
     intake_processes: IntakeProcesses | None = None
     if settings.hl7_processes:
@@ -88,10 +94,6 @@ async def serve(settings: Settings) -> None:
              dicom_processes=settings.dicom_processes,
              ae_title=settings.ae_title,
              database=_safe_url(settings.database_url), queue="redis" if settings.redis_url else "embedded")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     # UPS subscribers hear of the start (SCP Status Change, RESTARTED); nothing is queued without any.
     await asyncio.to_thread(events.workflow.ups.scp_status_change, "RESTARTED")
     await stop.wait()
