@@ -26,6 +26,7 @@ from sqlalchemy import (
     and_,
     bindparam,
     delete,
+    func,
     insert,
     literal,
     or_,
@@ -86,12 +87,30 @@ _ORDER_BY_NUMBER = select(ORDERS).where(or_(
 _INSERT_ORDER = _keyed_insert(ORDERS)
 _STEP_BY_KEY = select(STEPS.c.id).where(STEPS.c.study_instance_uid == bindparam("study_instance_uid"),
                                         STEPS.c.sps_id == bindparam("sps_id"))
+
+
+def _order_id_by(number: str, number_column: Any, issuer_column: Any) -> Any:
+    """The key of an order with this placer or filler number (NULL for none, or for an empty number).
+
+    One equality lookup on one index, not :data:`_ORDER_BY_NUMBER`'s OR with ORDER BY id: a plan made
+    for no particular values (PostgreSQL's generic plan of a prepared statement) of that one can walk
+    the primary key from its first row and test every order, which for a new order (no match) means
+    every row of ``orders``.
+    """
+    return (select(ORDERS.c.id)
+            .where(bindparam(number) != "", number_column == bindparam(number),
+                   issuer_column == bindparam(number + "_issuer"))
+            .limit(1).scalar_subquery())
+
+
 # A new order's three checks in one round trip: the patient row (NULLs when unknown), whether the
 # order number is taken, whether the first step's key is taken.
 _ANCHOR = select(literal(1).label("one")).subquery("anchor")
 _NEW_ORDER_LOOKUP = Prepared(select(
     PATIENTS,
-    _ORDER_BY_NUMBER.with_only_columns(ORDERS.c.id).limit(1).scalar_subquery().label("existing_order_id"),
+    func.coalesce(_order_id_by("placer", ORDERS.c.placer_order_number, ORDERS.c.placer_issuer),
+                  _order_id_by("filler", ORDERS.c.filler_order_number, ORDERS.c.filler_issuer)
+                  ).label("existing_order_id"),
     _STEP_BY_KEY.limit(1).scalar_subquery().label("clashing_step_id"),
 ).select_from(_ANCHOR.outerjoin(PATIENTS, and_(PATIENTS.c.patient_id == bindparam("patient_id"),
                                                PATIENTS.c.issuer == bindparam("issuer")))))
