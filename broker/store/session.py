@@ -47,7 +47,8 @@ def make_engine(database_url: str, *, pool_size: int = 10, flush_with_next_commi
     begin deferred, so readers see a WAL snapshot and never take the write lock from the intake.
 
     ``plan_each_execution`` (PostgreSQL): statements run through SQLAlchemy are never prepared on the
-    server (psycopg ``prepare_threshold=None``), so each is planned for its own values. Prepared on
+    server (psycopg prepares after :data:`_PREPARE_ONLY_WHEN_ASKED` executions), so each is planned
+    for its own values. Prepared on
     the server, PostgreSQL switches a statement to a generic plan after five executions, and a
     connection kept from the first minutes of a new database keeps the plan made when its tables
     were empty: an order lookup by placer OR filler number, ORDER BY id, walked the primary key of
@@ -73,8 +74,8 @@ def make_engine(database_url: str, *, pool_size: int = 10, flush_with_next_commi
     # No pre-ping: it costs a round trip per checkout on the hot path. A dropped connection fails the
     # statement with OperationalError, which the intake retries on a fresh connection.
     connect_args: dict[str, Any] = {"options": "-c synchronous_commit=off"} if flush_with_next_commit else {}
-    if plan_each_execution:
-        connect_args["prepare_threshold"] = None
+    if plan_each_execution:  # psycopg's None would not prepare even a statement that asks
+        connect_args["prepare_threshold"] = _PREPARE_ONLY_WHEN_ASKED
     if flush_with_next_commit:
         return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_recycle=3600,
                              isolation_level="AUTOCOMMIT", connect_args=connect_args, **JSON_CODEC)
@@ -111,6 +112,10 @@ def _configure_sqlite(engine: Engine, synchronous: str, begin: str) -> None:
     # CPU per statement (measured), about a tenth of the CPU of an HL7 order's ten statements.
     engine.dialect.do_begin = do_begin  # type: ignore[method-assign]
 
+
+# psycopg's prepare_threshold of the intake's engine: its own statements are prepared at the first
+# execution (broker.store.prepared asks), all others never.
+_PREPARE_ONLY_WHEN_ASKED = 2**62
 
 # How long a writer waits for SQLite's write lock before its transaction fails ("database is locked").
 BUSY_TIMEOUT_MS = 30000

@@ -119,19 +119,26 @@ def test_postgresql_order_lookup_reads_no_other_orders(database_url: str, mappin
     engine = make_engine(database_url, plan_each_execution=True)
     migrate.upgrade(engine)
 
-    def place(numbers: range) -> None:
+    def place(numbers: range) -> list[str]:
+        """Place the orders; returns the statements prepared on the intake's connection."""
         intake = Intake(engine, mappings)
         for number in numbers:
             order = (with_control_id(NEW, f"RIS{number:06d}").replace(b"PO-77001", b"PO-%d" % number)
                      .replace(b"FO-77001", b"FO-%d" % number).replace(b"SPS77001", b"SPS-%d" % number))
             assert msa_code(intake.handle(order)[0]) == "AA"
         intake.close()
+        with engine.connect() as db:  # the intake's one connection, back in the pool
+            prepared = list(db.execute(text("SELECT statement FROM pg_prepared_statements")).scalars())
         engine.dispose()  # the server processes exit and flush their table statistics
+        return prepared
 
     place(range(20))  # the plans are made now, on tables of a few rows
     before = _order_reads(engine, 20)
-    place(range(20, 420))  # the same plans on one kept connection, as the tables grow
+    prepared = place(range(20, 420))  # the same plans on one kept connection, as the tables grow
     reads = _order_reads(engine, 420) - before
     engine.dispose()
+    # The lookup is prepared: planned once, not for each message ...
+    assert any("FROM orders" in statement for statement in prepared), prepared
+    # ... and yet reads no other order.
     # One read per order is the foreign key check of its procedure's row; a scan reads hundreds.
     assert reads <= 2 * 400, f"400 new orders read {reads} rows of orders"
