@@ -3,6 +3,11 @@
 The ORC-1 / ORC-5 table of the spec lives in :data:`ORDER_CONTROL`; message types in
 :data:`HANDLERS`. Domain refusals (unknown order, duplicate key, circular merge) become HL7 problems
 with the segment and field that named the key.
+
+A handler works in two steps: reading the message (mapping and checking it, no database) gives an
+:data:`Apply`, which then makes the changes through the domain service inside the intake's
+transaction. The intake reads a message in its connection's own thread before it takes the
+database, so that mapping one message overlaps with another one's statements and commit.
 """
 
 from __future__ import annotations
@@ -32,18 +37,21 @@ from broker.mapping.rules import Mapping
 
 @dataclass
 class Context:
-    """Everything a handler needs for one message."""
+    """Everything a handler needs to read one message."""
 
     message: Message
     mapping: Mapping
     charset: Charset
     uid_root: str
-    service: WorklistService
-    cause: Cause
 
     @property
     def sender(self) -> str:
         return "^".join(self.message.sender)
+
+
+Apply = Callable[[WorklistService, Cause], str]
+"""A message's domain command: makes its changes and returns the ACK's text (MSA-3). It may run
+again after a rolled-back attempt, so it changes nothing but the database."""
 
 
 # (ORC-1, ORC-5) -> action; "*" = any ORC-5. "place"/"replace" carry the steps; a status applies to
@@ -69,7 +77,7 @@ def order_action(control: str, status: str) -> str | StepStatus | None:
     return ORDER_CONTROL[(control, "*")]
 
 
-def handle_order(ctx: Context) -> str:
+def handle_order(ctx: Context) -> Apply:
     """ORM^O01, OMI^O23, OMG^O19: apply each ORC group's order control."""
     mapper = Mapper(ctx.message, ctx.mapping, ctx.charset, ctx.uid_root)
     orcs = ctx.message.all("ORC")
@@ -105,25 +113,30 @@ def handle_order(ctx: Context) -> str:
                                     "PID", 1, 3))
     if problems:
         raise MessageError(problems)
-    done: list[str] = []
-    for order, action, index in actions:
-        try:
-            if action == "place":
-                assert patient is not None
-                created = ctx.service.place_order(patient, order, ctx.sender, ctx.cause)
-                done.append(f"{created} step(s) scheduled")
-            elif action == "replace":
-                assert patient is not None
-                count = ctx.service.replace_order(patient, order, ctx.cause)
-                done.append(f"{count} step(s) updated")
-            elif isinstance(action, StepStatus):
-                count = ctx.service.change_order_status(order, action, ctx.cause)
-                done.append(f"{count} step(s) {action}")
-            else:
-                done.append("status noted")
-        except DomainError as exc:
-            raise MessageError([_domain_problem(exc, index)]) from exc
-    return "; ".join(done)
+    sender = ctx.sender
+
+    def apply(service: WorklistService, cause: Cause) -> str:
+        done: list[str] = []
+        for order, action, index in actions:
+            try:
+                if action == "place":
+                    assert patient is not None
+                    created = service.place_order(patient, order, sender, cause)
+                    done.append(f"{created} step(s) scheduled")
+                elif action == "replace":
+                    assert patient is not None
+                    count = service.replace_order(patient, order, cause)
+                    done.append(f"{count} step(s) updated")
+                elif isinstance(action, StepStatus):
+                    count = service.change_order_status(order, action, cause)
+                    done.append(f"{count} step(s) {action}")
+                else:
+                    done.append("status noted")
+            except DomainError as exc:
+                raise MessageError([_domain_problem(exc, index)]) from exc
+        return "; ".join(done)
+
+    return apply
 
 
 def _domain_problem(exc: DomainError, orc_index: int) -> Problem:
@@ -145,17 +158,21 @@ def _patient_or_error(ctx: Context) -> tuple[Mapper, PatientKey]:
     return mapper, key
 
 
-def handle_patient_update(ctx: Context) -> str:
+def handle_patient_update(ctx: Context) -> Apply:
     """ADT A01/A04/A05/A08/A31: create or update the patient, propagate to open items."""
     mapper, _ = _patient_or_error(ctx)
     patient = mapper.map_patient()
     mapper.raise_problems()
     assert patient is not None
-    count = ctx.service.update_patient(patient, ctx.cause)
-    return f"patient updated, {count} open item(s) refreshed"
+
+    def apply(service: WorklistService, cause: Cause) -> str:
+        count = service.update_patient(patient, cause)
+        return f"patient updated, {count} open item(s) refreshed"
+
+    return apply
 
 
-def handle_merge(ctx: Context) -> str:
+def handle_merge(ctx: Context) -> Apply:
     """ADT A40 (merge) and A47 (identifier change): MRG-1 is the prior identifier."""
     mapper, _ = _patient_or_error(ctx)
     patient = mapper.map_patient()
@@ -165,26 +182,35 @@ def handle_merge(ctx: Context) -> str:
                                        "MRG", 1, 1))
     mapper.raise_problems()
     assert patient is not None and prior is not None
-    try:
-        count = ctx.service.merge_patient(patient, prior, ctx.cause,
-                                          change_identifier=ctx.message.message_type[1] == "A47")
-    except DomainError as exc:
-        raise MessageError([_domain_problem(exc, 1)]) from exc
-    return f"{count} item(s) moved to the surviving patient"
+    change_identifier = ctx.message.message_type[1] == "A47"
+
+    def apply(service: WorklistService, cause: Cause) -> str:
+        try:
+            count = service.merge_patient(patient, prior, cause, change_identifier=change_identifier)
+        except DomainError as exc:
+            raise MessageError([_domain_problem(exc, 1)]) from exc
+        return f"{count} item(s) moved to the surviving patient"
+
+    return apply
 
 
-def handle_arrival(ctx: Context) -> str:
+def handle_arrival(ctx: Context) -> Apply:
     """ADT A10: today's (the event's day) SCHEDULED steps of the patient become ARRIVED."""
     _, key = _patient_or_error(ctx)
     evn = ctx.message.first("EVN")
     when = (ctx.message.value(evn, 6) or ctx.message.value(evn, 2) or ctx.message.value(ctx.message.msh, 7))
     pv1 = ctx.message.first("PV1")
     admission = ctx.message.value(pv1, 19) or ctx.message.value(ctx.message.first("PID"), 18)
-    count = ctx.service.patient_arrived(key, when[:8], admission, ctx.cause)
-    return f"{count} step(s) arrived"
+    day = when[:8]
+
+    def apply(service: WorklistService, cause: Cause) -> str:
+        count = service.patient_arrived(key, day, admission, cause)
+        return f"{count} step(s) arrived"
+
+    return apply
 
 
-HANDLERS: dict[tuple[str, str], Callable[[Context], str]] = {
+HANDLERS: dict[tuple[str, str], Callable[[Context], Apply]] = {
     ("ORM", "O01"): handle_order,
     ("OMI", "O23"): handle_order,
     ("OMG", "O19"): handle_order,
@@ -199,7 +225,7 @@ HANDLERS: dict[tuple[str, str], Callable[[Context], str]] = {
 }
 
 
-def handler_for(message: Message) -> Callable[[Context], str]:
+def handler_for(message: Message) -> Callable[[Context], Apply]:
     """The handler of a message type; unsupported types are refused with ERR 200 (AR)."""
     kind = message.message_type
     handler = HANDLERS.get(kind)

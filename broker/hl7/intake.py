@@ -7,7 +7,11 @@ The order of operations is what makes "nothing lost" true:
 2. A repeat of a processed MSH-10 from the same sender (MSH-3^MSH-4) is stored as a duplicate and
    answered with the original ACK; nothing else changes.
 3. The message is decoded, mapped and applied; the domain changes and the ACK are committed in one
-   transaction; only then is the ACK returned to the connection.
+   transaction; only then is the ACK returned to the connection. Decoding and mapping need no
+   database: they happen first, in the connection's thread, before the message waits for SQLite's
+   writer lock or a group commit, so that one message is mapped while another one's statements
+   and commit run (the GIL is released in the database driver). Their outcome (the domain command,
+   or why the message is refused) is kept until the message is known not to be a repeat.
 4. A refused message changes nothing (its changes are rolled back); its error ACK is committed to
    the archive row.
 
@@ -46,7 +50,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from broker.domain.services import Cause, WorklistService
 from broker.hl7 import ack
-from broker.hl7.dispatch import Context, handler_for
+from broker.hl7.dispatch import Apply, Context, handler_for
 from broker.hl7.errors import APPLICATION_INTERNAL_ERROR, DATA_TYPE_ERROR, MessageError, Problem
 from broker.hl7.message import parse
 from broker.mapping.charsets import Charset, UnknownCharset, message_charset
@@ -97,6 +101,11 @@ class _Job:
     mapping: Mapping
     charset: Charset | None
     archived_id: int | None = None  # our own archive row; None = the MSH-10 was stored before
+    # read before the transaction (see _read): the command, or why there is none
+    command: Apply | None = None
+    refusal: Exception | None = None
+    cause_text: str = ""  # what the changes' history says caused them
+    event_ref: str = ""  # the message's MSH-10
     # set per attempt of the processing transaction
     message_id: int | None = None  # the row processed: our own, or an earlier unanswered copy
     outcome: str = ""  # AA, AE, AR or "duplicate"
@@ -304,6 +313,7 @@ class Intake:
         header = ack.Header.from_raw(raw)
         mapping = self.mappings.for_sender(header.sending_application, header.sending_facility)
         job = _Job(raw, peer, header, mapping, self._charset(header, mapping.default_character_set))
+        self._read(job)
         with self._copies.one_at_a_time(job.key):
             if self._group is None:
                 self._run_batch([job])
@@ -469,7 +479,8 @@ class Intake:
         except OperationalError:  # the database, not the message: the whole transaction is lost
             raise
         except Exception as exc:  # a bug must not lose the message or kill the connection
-            log.exception("hl7.internal_error", control_id=job.header.control_id)
+            if exc is not job.refusal:  # (logged when it was raised, in _read)
+                log.exception("hl7.internal_error", control_id=job.header.control_id)
             return _Failure("internal", exc)
 
     def _settle(self, db: Connection, job: _Job, failure: _Failure) -> None:
@@ -492,7 +503,17 @@ class Intake:
         else:
             self._answer_as_repeat(db, job)
 
-    def _apply(self, db: Connection, job: _Job) -> str:
+    def _read(self, job: _Job) -> None:
+        """Decode and map the message into its domain command, or note why it is refused."""
+        try:
+            job.command = self._command(job)
+        except MessageError as exc:
+            job.refusal = exc
+        except Exception as exc:  # a bug: answered AE 207 like one met while applying
+            log.exception("hl7.internal_error", control_id=job.header.control_id)
+            job.refusal = exc
+
+    def _command(self, job: _Job) -> Apply:
         header, charset, raw = job.header, job.charset, job.raw
         if charset is None:
             raise MessageError([Problem(DATA_TYPE_ERROR, f"unknown character set {header.character_set!r}",
@@ -503,10 +524,18 @@ class Intake:
             raise MessageError([Problem(DATA_TYPE_ERROR, f"bytes not valid in {charset.hl7_name} at offset "
                                         f"{exc.start}", "MSH", 1, 18)], reject=True) from exc
         message = parse(text)
+        job.cause_text = f"HL7 {'^'.join(message.message_type)} {message.control_id}"
+        job.event_ref = message.control_id
         handler = handler_for(message)
-        cause = Cause(f"HL7 {'^'.join(message.message_type)} {message.control_id}", job.message_id,
-                      event_kind="hl7", event_ref=message.control_id)
-        return handler(Context(message, job.mapping, charset, self.uid_root, WorklistService(db), cause))
+        return handler(Context(message, job.mapping, charset, self.uid_root))
+
+    @staticmethod
+    def _apply(db: Connection, job: _Job) -> str:
+        if job.refusal is not None:
+            raise job.refusal
+        assert job.command is not None
+        cause = Cause(job.cause_text, job.message_id, event_kind="hl7", event_ref=job.event_ref)
+        return job.command(WorklistService(db), cause)
 
     @staticmethod
     def _record(db: Connection, job: _Job, outcome: str, replies: list[bytes], error: str) -> bool:
