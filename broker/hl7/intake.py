@@ -248,14 +248,20 @@ class _KeptConnections:
 
     @contextmanager
     def begin(self) -> Iterator[Connection]:
-        """A transaction on a kept connection: committed at the end, rolled back on an exception."""
+        """A transaction on a kept connection: committed at the end, rolled back on an exception.
+
+        On a connection in autocommit mode there is no transaction, and SQLAlchemy's would only cost
+        CPU (2 % of an order's instructions, callgrind): its statements are run as they come."""
         try:
             db = self._idle.pop()
         except IndexError:
             db = self._engine.connect()
         try:
-            with db.begin():
-                yield db
+            if getattr(db.connection.dbapi_connection, "autocommit", False) is True:
+                yield db  # each statement commits itself (the PostgreSQL archive's engine): nothing to begin
+            else:
+                with db.begin():
+                    yield db
         except BaseException as exc:
             if isinstance(exc, DBAPIError) or db.invalidated:
                 db.close()
