@@ -10,14 +10,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pydicom.uid import ImplicitVRLittleEndian
 from pynetdicom import AE, Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from broker.dicom import pdu
 from broker.dicom.association import REJECT_LOCAL_LIMIT_EXCEEDED
 from tests.integration.test_cli import broker_run, env_for, free_port
-from tests.integration.test_dicom_acceptor import read_pdu
+from tests.integration.test_dicom_acceptor import read_pdu, request_bytes
 
 pytestmark = pytest.mark.integration
 
@@ -41,13 +40,10 @@ def associate(port: int) -> Association:
 
 
 def associate_raw(port: int) -> tuple[int, tuple[int, ...]]:
-    """Send an A-ASSOCIATE-RQ for Verification; the type of the PDU that answers it, and for a reject its
-    (result, source, reason)."""
-    request = pdu.encode_associate_request(
-        "BROKER", "ECHOSCU", [pdu.ProposedContext(1, Verification, (ImplicitVRLittleEndian,))], 16384,
-        "1.2.826.0.1.3680043.9.7433.1", "TEST")
+    """Send test_dicom_acceptor's A-ASSOCIATE-RQ; the type of the PDU that answers it, and for a reject
+    its (result, source, reason)."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(request)
+        sock.sendall(request_bytes())
         pdu_type, body = read_pdu(sock)
     return pdu_type, tuple(body[1:4]) if pdu_type == pdu.A_ASSOCIATE_RJ else ()
 
