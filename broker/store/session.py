@@ -48,14 +48,13 @@ def make_engine(database_url: str, *, pool_size: int = 10, flush_with_next_commi
 
     ``plan_each_execution`` (PostgreSQL): statements run through SQLAlchemy are never prepared on the
     server (psycopg prepares after :data:`_PREPARE_ONLY_WHEN_ASKED` executions), so each is planned
-    for its own values. Prepared on
-    the server, PostgreSQL switches a statement to a generic plan after five executions, and a
-    connection kept from the first minutes of a new database keeps the plan made when its tables
-    were empty: an order lookup by placer OR filler number, ORDER BY id, walked the primary key of
-    ``orders`` (measured: 3-5 ms per message at 10,000 orders, and growing). The hot path's
-    statements (:mod:`broker.store.prepared`) are the exception: they ask to be prepared, are
-    written so that any plan of theirs uses the indexes, and skip the planning that a plan per
-    execution costs the server (measured: 0.5 ms of PostgreSQL CPU per HL7 order).
+    for its own values. Prepared on the server, PostgreSQL switches a statement to a generic plan
+    after five executions, and a connection kept from the first minutes of a new database keeps the
+    plan made when its tables were empty: an order lookup by placer OR filler number, ORDER BY id,
+    walked the primary key of ``orders`` (measured: 3-5 ms per message at 10,000 orders, and
+    growing). The hot path's statements (:mod:`broker.store.prepared`) are the exception: they ask
+    to be prepared, are written so that any plan of theirs uses the indexes, and skip the planning
+    that a plan per execution costs the server (measured: 0.5 ms of PostgreSQL CPU per HL7 order).
     """
     url = make_url(database_url)
     if url.get_backend_name() == "sqlite":
