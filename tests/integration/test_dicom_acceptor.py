@@ -47,10 +47,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DicomServer]:
 
 
 def request_bytes(version: int = 1, application_context: str = pdu.DICOM_APPLICATION_CONTEXT,
-                  maximum_length: int = 0) -> bytes:
+                  maximum_length: int = 0, calling_ae: str = "RAWSCU") -> bytes:
     primitive = A_ASSOCIATE()
     primitive.application_context_name = application_context
-    primitive.calling_ae_title = "RAWSCU"
+    primitive.calling_ae_title = calling_ae
     primitive.called_ae_title = "BROKER"
     contexts = [build_context(Verification, [ImplicitVRLittleEndian]),
                 build_context(ModalityWorklistInformationFind, [ExplicitVRLittleEndian])]
@@ -64,6 +64,20 @@ def request_bytes(version: int = 1, application_context: str = pdu.DICOM_APPLICA
     data = bytearray(rq.encode())
     data[6:8] = struct.pack(">H", version)
     return bytes(data)
+
+
+def associate_raw(port: int, calling_ae: str = "RAWSCU") -> tuple[int, tuple[int, ...]]:
+    """Send :func:`request_bytes`; the type of the PDU that answers it, and for a reject its (result,
+    source, reason).
+
+    For the tests of rejections: under CPU load pynetdicom's requestor has reported a received
+    A-ASSOCIATE-RJ as an abort (the acceptor closes the connection right after the reject, and its
+    reader saw the close first), so they read the answer off the wire.
+    """
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request_bytes(calling_ae=calling_ae))
+        pdu_type, body = read_pdu(sock)
+    return pdu_type, tuple(body[1:4]) if pdu_type == pdu.A_ASSOCIATE_RJ else ()
 
 
 def read_pdu(sock: socket.socket) -> tuple[int, bytes]:

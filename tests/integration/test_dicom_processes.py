@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from broker.dicom import pdu
 from broker.dicom.association import REJECT_LOCAL_LIMIT_EXCEEDED
 from tests.integration.test_cli import broker_run, env_for, free_port
-from tests.integration.test_dicom_acceptor import read_pdu, request_bytes
+from tests.integration.test_dicom_acceptor import associate_raw
 
 pytestmark = pytest.mark.integration
 
@@ -37,15 +36,6 @@ def associate(port: int) -> Association:
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
     return ae.associate("127.0.0.1", port, ae_title="BROKER")
-
-
-def associate_raw(port: int) -> tuple[int, tuple[int, ...]]:
-    """Send test_dicom_acceptor's A-ASSOCIATE-RQ; the type of the PDU that answers it, and for a reject
-    its (result, source, reason)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(request_bytes())
-        pdu_type, body = read_pdu(sock)
-    return pdu_type, tuple(body[1:4]) if pdu_type == pdu.A_ASSOCIATE_RJ else ()
 
 
 def listeners(port: int) -> set[int]:

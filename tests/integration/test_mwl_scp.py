@@ -1,8 +1,9 @@
 """The worklist SCP over the network: DCMTK ``findscu -W`` and pynetdicom as modalities.
 
 Items are created through the real HL7 listener (MLLP over TCP); the broker's DICOM AE runs on a
-free port on each database. Every matching rule is asked by both clients; the association policies
-(limit, allow-list, station-only view), C-CANCEL, statuses and character sets by pynetdicom.
+free port on each database. Every matching rule is asked by both clients; the station-only view,
+C-CANCEL, statuses and character sets by pynetdicom; the rejections of the association limit and the
+allow-list are read off the wire (test_dicom_acceptor.associate_raw).
 """
 
 from __future__ import annotations
@@ -30,12 +31,15 @@ from pynetdicom.sop_class import ModalityWorklistInformationFind, Verification  
 from sqlalchemy import Engine
 
 from broker.config import load_settings
+from broker.dicom import pdu
+from broker.dicom.association import REJECT_CALLING_AE_NOT_RECOGNIZED, REJECT_LOCAL_LIMIT_EXCEEDED
 from broker.dicom.server import DicomServer
 from broker.hl7.intake import Intake
 from broker.hl7.mllp import MLLPServer, run_in_thread
 from broker.mapping.rules import MappingSet
 from broker.store import migrate
 from broker.store.session import make_engine
+from tests.integration.test_dicom_acceptor import associate_raw
 
 pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore:Invalid value for VR")]
 
@@ -329,8 +333,8 @@ def test_association_limit_rejects_cleanly_and_logs(worklist: Worklist) -> None:
         held = [associate(server.port) for _ in range(2)]
         assert all(a.is_established for a in held)
         with structlog.testing.capture_logs() as logs:
-            extra = associate(server.port)
-        assert extra.is_rejected
+            extra = associate_raw(server.port)
+        assert extra == (pdu.A_ASSOCIATE_RJ, REJECT_LOCAL_LIMIT_EXCEEDED)
         assert any(e["event"] == "dicom.association_rejected" and e["reason"] == "local limit exceeded"
                    for e in logs)
         for assoc in held:
@@ -358,9 +362,9 @@ def test_allow_list_by_calling_ae_and_host(worklist: Worklist) -> None:
         assert allowed.is_established
         allowed.release()
         with structlog.testing.capture_logs() as logs:
-            stranger = associate(server.port, calling="US9")
-            wrong_host = associate(server.port, calling="MR1")
-        assert stranger.is_rejected and wrong_host.is_rejected
+            stranger = associate_raw(server.port, calling_ae="US9")
+            wrong_host = associate_raw(server.port, calling_ae="MR1")
+        assert stranger == wrong_host == (pdu.A_ASSOCIATE_RJ, REJECT_CALLING_AE_NOT_RECOGNIZED)
         refused = [e for e in logs if e["event"] == "dicom.association_refused"]
         assert [e["calling_ae"] for e in refused] == ["US9", "MR1"]
     finally:
