@@ -171,7 +171,8 @@ class FrameDecoder:
 
         Work is linear in ``len(data)`` whatever the bytes are: the positions of the next start block
         and the next terminator are searched once and reused until passed, so a flood of start blocks
-        (every one a restart) cannot make a read quadratic and stall the event loop for everyone.
+        (every one a restart) cannot make a read quadratic and hold the CPU (and the GIL) that the
+        other connections' threads need.
         """
         if self._failed is not None:
             raise FrameTooLarge(self._failed.size, self._failed.limit, [])
