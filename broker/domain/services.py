@@ -103,8 +103,9 @@ def _order_id_by(number: str, number_column: Any, issuer_column: Any) -> Any:
             .limit(1).scalar_subquery())
 
 
-# A new order's three checks in one round trip: the patient row (NULLs when unknown), whether the
-# order number is taken, whether the first step's key is taken.
+# A new order's four checks in one round trip: the patient row (NULLs when unknown), whether the
+# order number is taken, whether the first step's key is taken, whether anyone subscribes to UPS
+# workitems globally (whose new steps must then be announced to them).
 _ANCHOR = select(literal(1).label("one")).subquery("anchor")
 _NEW_ORDER_LOOKUP = Prepared(select(
     PATIENTS,
@@ -112,6 +113,7 @@ _NEW_ORDER_LOOKUP = Prepared(select(
                   _order_id_by("filler", ORDERS.c.filler_order_number, ORDERS.c.filler_issuer)
                   ).label("existing_order_id"),
     _STEP_BY_KEY.limit(1).scalar_subquery().label("clashing_step_id"),
+    ups_notify.global_subscription_id().label("global_subscription_id"),
 ).select_from(_ANCHOR.outerjoin(PATIENTS, and_(PATIENTS.c.patient_id == bindparam("patient_id"),
                                                PATIENTS.c.issuer == bindparam("issuer")))))
 _INSERT_PROCEDURE = _keyed_insert(PROCEDURES)
@@ -215,9 +217,12 @@ class WorklistService:
     """Patients, orders and scheduled steps: the commands of spec section 1."""
 
     def __init__(self, connection: Connection, clock: Callable[[], datetime] = datetime.now,
-                 procedures: ProcedureTracker | None = None) -> None:
+                 procedures: ProcedureTracker | None = None, *, announce_new_steps: bool = True) -> None:
         self.db = connection
         self.clock = clock
+        # A new step is a new UPS workitem, announced to global subscribers (broker.ups.notify.step_scheduled);
+        # False for UPS N-CREATE, which gives the step its own UID and announces it itself.
+        self.announce_new_steps = announce_new_steps
         if procedures is None:
             from broker.procedure.tracker import ProcedureTracker  # imports this module
 
@@ -377,6 +382,7 @@ class WorklistService:
             raise _duplicate_step(first_uid, first_sps)
         for study_instance_uid, sps_id in steps[1:]:
             self._check_step_is_new(study_instance_uid, sps_id)
+        announce = self.announce_new_steps and found.global_subscription_id is not None
         one_statement = self._one_statement_orders and len(record.procedures) == 1 and len(steps) == 1
         if one_statement and found.id is None:  # a new patient: inserted by the order's statement
             attributes = {**patient_record.attributes, **_identity_attributes(patient_record.key)}
@@ -390,20 +396,22 @@ class WorklistService:
             "filler_issuer": record.filler_issuer, "order_control": record.order_control,
             "order_status": record.order_status, "created_at": now, "updated_at": now}
         if one_statement:
-            return self._place_one_step_order(order, patient, record, cause, now, new_patient=found.id is None)
+            return self._place_one_step_order(order, patient, record, cause, now, new_patient=found.id is None,
+                                              announce=announce)
         order_pk = self._insert_row(_INSERT_ORDER, order)
         created = 0
         for procedure_record in record.procedures:
             procedure_pk = self._add_procedure(order_pk, procedure_record, now)
             for step_record in procedure_record.steps:
-                self._add_step(procedure_pk, patient, step_record.item, cause, now)
+                self._add_step(procedure_pk, patient, step_record.item, cause, now, announce=announce)
                 created += 1
         return created
 
     def _place_one_step_order(self, order: dict[str, Any], patient: StoredPatient, record: OrderRecord,
-                              cause: Cause, now: datetime, *, new_patient: bool = False) -> int:
+                              cause: Cause, now: datetime, *, new_patient: bool = False, announce: bool = False) -> int:
         """place_order's four inserts as one statement (see _one_step_order); ``new_patient``: the
-        patient is not stored yet (``patient.pk`` is unset) and the statement inserts it too."""
+        patient is not stored yet (``patient.pk`` is unset) and the statement inserts it too;
+        ``announce``: the new step is announced to the UPS global subscribers."""
         def prefixed(prefix: str, row: dict[str, Any]) -> dict[str, Any]:
             return {prefix + name: value for name, value in row.items() if name not in _SHARED_COLUMNS}
 
@@ -425,6 +433,8 @@ class WorklistService:
             else:  # pragma: no cover - the step's patient columns come from the same attributes
                 params["patient_fk"] = self._insert_patient(patient.key, patient.attributes)
         statement.one(self.db, params)
+        if announce:
+            ups_notify.step_scheduled(self.db, step_row["ups_instance_uid"], item, now)
         return 1
 
     def replace_order(self, patient_record: PatientRecord, record: OrderRecord, cause: Cause) -> int:
@@ -457,7 +467,8 @@ class WorklistService:
                 step = existing.get(step_key)
                 if step is None:
                     self._check_step_is_new(*step_key)
-                    self._add_step(procedure_pk, patient, step_record.item, cause, now)
+                    self._add_step(procedure_pk, patient, step_record.item, cause, now,
+                                   announce=self.announce_new_steps)
                 elif step.sps_status not in FINAL:
                     item = worklist_item.build_item(step_record.item, patient.attributes, step.sps_status)
                     self._write_item(step.id, item, now, patient_fk=patient.pk, procedure_fk=procedure_pk)
@@ -510,10 +521,14 @@ class WorklistService:
             raise _duplicate_step(study_instance_uid, sps_id)
 
     def _add_step(self, procedure_pk: int, patient: StoredPatient, mapped: JsonDataset, cause: Cause,
-                  now: datetime) -> int:
+                  now: datetime, *, announce: bool = False) -> int:
+        """A new SCHEDULED step; ``announce``: told to the UPS global subscribers (one indexed query)."""
         item = worklist_item.build_item(mapped, patient.attributes, StepStatus.SCHEDULED)
-        step_pk = self._insert_row(_INSERT_STEP, {"procedure_fk": procedure_pk, **self._step_row(patient, item, now)})
+        row = self._step_row(patient, item, now)
+        step_pk = self._insert_row(_INSERT_STEP, {"procedure_fk": procedure_pk, **row})
         self._record_transition(step_pk, "", StepStatus.SCHEDULED, cause, now)
+        if announce:
+            ups_notify.step_scheduled(self.db, row["ups_instance_uid"], item, now)
         return step_pk
 
     @staticmethod

@@ -4,7 +4,8 @@ One outbox row per subscriber and event, in the transaction of the change, with 
 ``ups-subscriber:<AE>``: a subscriber's events arrive in the order of the changes, and a subscriber
 that is down holds back only its own key. :func:`step_status_changed` is the one hook every step
 status change goes through (HL7, MPPS, UPS alike); with no subscription it costs one indexed query,
-and none at all when the UPS state does not change (SCHEDULED -> ARRIVED).
+and none at all when the UPS state does not change (SCHEDULED -> ARRIVED). :func:`step_scheduled` is
+the hook of a step the HL7 intake creates (UPS N-CREATE announces its own workitems).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Row, bindparam, select
+from sqlalchemy import Connection, Row, bindparam, func, select
 
 from broker.dicom_json import JsonDataset, element, tag_of
 from broker.events import outbox
@@ -31,6 +32,16 @@ STATE_REPORT, CANCEL_REQUESTED, PROGRESS_REPORT, SCP_STATUS_CHANGE, ASSIGNED = 1
 _CANDIDATES = select(SUBSCRIPTIONS).where(SUBSCRIPTIONS.c.workitem_uid.in_(
     [bindparam("uid"), view.GLOBAL_SUBSCRIPTION, view.FILTERED_GLOBAL_SUBSCRIPTION])).order_by(SUBSCRIPTIONS.c.id)
 _ATTRIBUTES = select(WORKITEMS.c.attributes).where(WORKITEMS.c.step_fk == bindparam("pk"))
+
+
+def global_subscription_id() -> Any:
+    """A scalar subquery: the key of some global or filtered global subscription, NULL when there is
+    none. For folding into a statement the caller runs anyway (a new order's lookup), so that a new step
+    costs no query of its own while nobody subscribes globally. Two equality lookups on the workitem
+    index, not an IN: a prepared statement's generic plan of either uses the index."""
+    def first(uid: str) -> Any:
+        return select(SUBSCRIPTIONS.c.id).where(SUBSCRIPTIONS.c.workitem_uid == uid).limit(1).scalar_subquery()
+    return func.coalesce(first(view.GLOBAL_SUBSCRIPTION), first(view.FILTERED_GLOBAL_SUBSCRIPTION))
 
 
 def ordering_key(subscriber_ae: str) -> str:
@@ -103,6 +114,15 @@ def step_status_changed(db: Connection, step: Row[Any], new_status: str, now: da
         if new_state == UpsState.CANCELED:
             extra[tag_of("ReasonForCancellation")] = element("ReasonForCancellation", f"step {new_status}")
         notify(db, targets, uid, STATE_REPORT, state_info(new_state, extra), now)
+
+
+def step_scheduled(db: Connection, uid: str, item: JsonDataset, now: datetime) -> None:
+    """A step the HL7 intake created is a new UPS workitem: its global subscribers (those whose filter it
+    matches, and not suspended before ``now``) get a State Report SCHEDULED, as for a workitem made by
+    N-CREATE (PS3.4 CC.2.4). Per-workitem subscriptions cannot exist yet."""
+    targets = subscribers_of(db, uid, now, lambda: view.workitem(uid, item, str(UpsState.SCHEDULED), None))
+    if targets:
+        notify(db, targets, uid, STATE_REPORT, state_info(UpsState.SCHEDULED), now)
 
 
 def scp_status_info(scp_status: str) -> JsonDataset:

@@ -187,7 +187,8 @@ class UpsService(TransactionalService):
         if db.execute(select(STEPS.c.id).where(STEPS.c.ups_instance_uid == uid)).first() is not None:
             return failure(DUPLICATE_SOP_INSTANCE, "a UPS with this SOP Instance UID exists")
         cause = Cause(f"UPS {uid} N-CREATE by {calling_ae}", event_kind="ups", event_ref=uid)
-        worklist = WorklistService(db, self.clock, procedures=self.procedures)
+        # The step gets the SCU's UID below and is announced under it there, not by place_order.
+        worklist = WorklistService(db, self.clock, procedures=self.procedures, announce_new_steps=False)
         patient, order = self._records(uid, dataset)
         try:
             worklist.place_order(patient, order, calling_ae, cause)

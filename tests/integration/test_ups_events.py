@@ -28,8 +28,10 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from sqlalchemy import Engine
 
 from broker.events.wiring import EventPath
+from broker.hl7.intake import Intake
 from broker.mapping.rules import MappingSet
 from broker.ups.identity import derived_ups_uid
+from tests.conftest import sample
 from tests.dicom_support import dicom_server, free_port, wait_until
 from tests.events_support import mpps_create, outbox, schedule
 from tests.integration.test_ups_scp import (
@@ -201,6 +203,48 @@ def test_hl7_and_mpps_changes_reach_the_subscribers(engine: Engine, mappings: Ma
         assert subscribers["WATCHER"].wait_for(2) == [(1, "SCHEDULED"), (1, "IN PROGRESS")]
     finally:
         scu.release()
+
+
+def test_global_subscribers_hear_of_a_step_the_hl7_intake_scheduled(engine: Engine, mappings: MappingSet,
+                                                                     running: tuple[int, EventPath],
+                                                                     subscribers: dict[str, Subscriber]) -> None:
+    """A step created by an HL7 order is a new workitem: a State Report SCHEDULED to each global
+    subscriber whose filter it matches (the sample is a CT order), as for one made by N-CREATE."""
+    port, _ = running
+    global_, filtered, watcher = subscribers["GLOBALW"], subscribers["FILTERW"], subscribers["WATCHER"]
+    scu = ups_scu(port, "MONITOR")
+    try:
+        assert int(action(scu, GLOBAL, SUBSCRIBE, ReceivingAE="GLOBALW", DeletionLock="FALSE").Status) == 0
+        assert int(action(scu, FILTERED_GLOBAL, SUBSCRIBE, ReceivingAE="FILTERW", DeletionLock="FALSE",
+                          ProcedureStepLabel="CT*").Status) == 0
+        assert int(action(scu, FILTERED_GLOBAL, SUBSCRIBE, ReceivingAE="WATCHER", DeletionLock="FALSE",
+                          ProcedureStepLabel="MR*").Status) == 0
+        first = schedule(engine, mappings)
+        uid = derived_ups_uid(first.study_instance_uid, first.sps_id)
+        assert global_.wait_for(1, uid) == [(1, "SCHEDULED")]
+        assert filtered.wait_for(1, uid) == [(1, "SCHEDULED")]
+        [report] = [r for r in global_.received if r.uid == uid]
+        assert (report.info.ProcedureStepState, report.info.InputReadinessState) == ("SCHEDULED", "READY")
+        # An order of two steps (OMI^O23, one step per IPC): each is announced.
+        replies = Intake(engine, mappings).handle(sample("omi_o23_two_steps.hl7"))
+        assert replies and all(b"MSA|CA" in reply for reply in replies), replies
+        two = [derived_ups_uid("1.2.826.0.1.3680043.10.543.501", sps_id) for sps_id in ("SPS501A", "SPS501B")]
+        for step_uid in two:
+            assert global_.wait_for(1, step_uid) == [(1, "SCHEDULED")]
+        # Suspended: the next order's step is not announced to GLOBALW (FILTERW still hears of it).
+        assert int(action(scu, GLOBAL, SUSPEND, ReceivingAE="GLOBALW").Status) == 0
+        second = schedule(engine, mappings, number=2)
+        later = derived_ups_uid(second.study_instance_uid, second.sps_id)
+        assert filtered.wait_for(1, later) == [(1, "SCHEDULED")]
+    finally:
+        scu.release()
+    # Each report once; none for the subscriber whose filter the steps do not match, none after suspension.
+    wait_until(lambda: all(e.status == "done" for e in outbox(engine, "ups.event")), 10, "every event done")
+    assert global_.events(uid) == [(1, "SCHEDULED")] and global_.events(later) == []
+    assert [global_.events(step_uid) for step_uid in two] == [[(1, "SCHEDULED")]] * 2
+    assert filtered.events(uid) == filtered.events(later) == [(1, "SCHEDULED")]
+    assert all(filtered.events(step_uid) == [] for step_uid in two)  # MR steps, labelled T1 SAG / T2 COR
+    assert watcher.events() == []
 
 
 def test_suspended_global_subscription_takes_no_new_workitems(running: tuple[int, EventPath],
