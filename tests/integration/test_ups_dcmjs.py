@@ -3,8 +3,9 @@ UPS SCU and as event receiver, against the broker's real HL7 listener, DICOM ser
 
 Subscribe globally -> an HL7 order over MLLP creates the step -> the node client finds it by
 accession (UPS C-FIND), claims it, reports progress, completes it, reads it back (N-GET), and the
-N-EVENT-REPORTs it received are checked. The script is tests/js/ups_cycle.js; its node modules come
-from ``npm ci --prefix tests/js`` (``make test`` runs it; so does this test when they are missing).
+N-EVENT-REPORTs it received are checked (the first: the new step's State Report SCHEDULED). The
+script is tests/js/ups_cycle.js; its node modules come from ``npm ci --prefix tests/js`` (``make
+test`` runs it; so does this test when they are missing).
 """
 
 from __future__ import annotations
@@ -87,7 +88,8 @@ def test_full_ups_cycle_with_dcmjs_dimse(node: str, engine: Engine, broker: tupl
     assert (result["completeWrongUid"], result["complete"]) == (0xC301, 0x0000)
     assert (result["get"], result["state"]) == (0x0000, "COMPLETED")
     events = [(e["type"], e["state"], e["progress"]) for e in result["events"] if e["uid"] == result["uid"]]
-    assert events == [(1, "IN PROGRESS", None), (3, "", 60), (1, "COMPLETED", None)]
+    # The global subscription hears of the step the HL7 order created (SCHEDULED), then of each change.
+    assert events == [(1, "SCHEDULED", None), (1, "IN PROGRESS", None), (3, "", 60), (1, "COMPLETED", None)]
     # One model: the HL7 order's procedure followed the UPS.
     from broker.store.tables import ScheduledStep
 
