@@ -4,12 +4,16 @@ metrics and the status board."""
 from __future__ import annotations
 
 import threading
+import unicodedata
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from urllib.parse import parse_qsl
 
 from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import Engine
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from broker import __version__
 from broker.config import Settings
@@ -50,6 +54,7 @@ def create_app(settings: Settings, engine: Engine, *, intake: Intake | None = No
     for module in (health, procedures, steps, messages, events, board):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=board.STATIC), name="static")
+    app.add_middleware(RefuseControlCharacters)
 
     @app.get("/metrics", tags=["health"], summary="Prometheus metrics (text exposition format)",
              responses={200: {"content": {"text/plain": {}}}})
@@ -58,6 +63,43 @@ def create_app(settings: Settings, engine: Engine, *, intake: Intake | None = No
         return Response(body, media_type=content_type)
 
     return app
+
+
+class RefuseControlCharacters:
+    """Answer 422 to a request whose path or query parameters hold a control character (NUL, ...).
+
+    No value the broker stores or filters on holds one, and PostgreSQL refuses NUL in a text
+    parameter outright (the query would fail with 500). One check before any route, for every path
+    and query parameter, instead of one per parameter. Pure ASGI, so the live stream is not buffered.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            where = _control_character_in(scope)
+            if where is not None:
+                detail = [{"type": "control_character", "loc": list(where),
+                           "msg": "control characters (U+0000-U+001F, U+007F-U+009F) are not allowed"}]
+                await JSONResponse({"detail": detail}, status_code=422)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _control_character_in(scope: Scope) -> tuple[str, ...] | None:
+    """Where the first control character is: ("path",) or ("query", name); None when there is none."""
+    if _has_control(scope.get("path", "")):  # already percent-decoded by the server
+        return ("path",)
+    query = scope.get("query_string", b"").decode("latin-1")
+    for name, value in parse_qsl(query, keep_blank_values=True, encoding="utf-8", errors="replace"):
+        if _has_control(name) or _has_control(value):
+            return ("query", name)
+    return None
+
+
+def _has_control(text: str) -> bool:
+    return any(unicodedata.category(c) == "Cc" for c in text)
 
 
 def _intake_factory(settings: Settings, engine: Engine, given: Intake | None) -> Callable[[], Intake]:

@@ -2,6 +2,9 @@
 
 A summary is a requested procedure with its order numbers, patient and steps (status, modality,
 station, scheduled start). Filters on step attributes match a procedure when any of its steps matches.
+The text filters are literal, never patterns (the board's ``matches`` in ``static/board.js`` applies the
+same rules to the changes it is pushed): modality is compared upper-cased, station, status and
+accession exactly, and patient is the Patient ID exactly or the start of the upper-cased name.
 """
 
 from __future__ import annotations
@@ -48,12 +51,23 @@ class ProcedureFilter:
             found.append(PROCEDURES.c.state.in_(self.states))
         if self.patient:
             # the steps' upper-cased name column (Python's upper(): SQLite's upper() is ASCII only)
-            pattern = self.patient.upper().replace("%", "").replace("_", "") + "%"
             found.append(PROCEDURES.c.id.in_(select(STEPS.c.procedure_fk).where(or_(
-                STEPS.c.patient_id == self.patient, STEPS.c.patient_name_norm.like(pattern)))))
+                STEPS.c.patient_id == self.patient,
+                STEPS.c.patient_name_norm.like(prefix_pattern(self.patient.upper()), escape=LIKE_ESCAPE)))))
         if self.accession_number:
             found.append(PROCEDURES.c.accession_number == self.accession_number)
         return found
+
+
+LIKE_ESCAPE = "\\"
+
+
+def prefix_pattern(text: str) -> str:
+    """A LIKE pattern for "starts with ``text``", every character literal (``%`` and ``_`` too, as the
+    board's own ``startsWith`` takes them): the pattern is built here, not by concatenation in SQL, so
+    the database sees a constant prefix and can use the name index."""
+    literal = text.replace(LIKE_ESCAPE, LIKE_ESCAPE * 2).replace("%", LIKE_ESCAPE + "%").replace("_", LIKE_ESCAPE + "_")
+    return literal + "%"
 
 
 def day_range(day: date) -> list[ColumnElement[bool]]:

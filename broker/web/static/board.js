@@ -41,7 +41,8 @@ function duration(seconds) {
 
 function stateClass(s) { return "s-" + s.replace(/ /g, "-"); }
 
-// Whether a procedure (summary) passes the filters: the same rules as the API's.
+// Whether a procedure (summary) passes the filters: the same rules as the API's (broker/web/listing.py):
+// literal text, no wildcards; patient = the Patient ID exactly or the start of the upper-cased name.
 function matches(p, f) {
   const days = p.steps.map((s) => (s.scheduled_start || "").slice(0, 10));
   if (f.date && !days.includes(f.date)) return false;
