@@ -9,9 +9,13 @@ the responses of a C-FIND into as few writes as it can, and hands each DIMSE req
 by SOP class and command (the pynetdicom shape: small handlers yielding ``(status, data set)``).
 pynetdicom stays the broker's association requestor (SCU), where none of this matters.
 
-Negotiation follows PS3.8: the requestor's order of transfer syntaxes decides among those we support;
-role selection is answered for the SOP classes whose roles the service allows; asynchronous operations,
-extended negotiation and user identity are not answered, so their defaults hold.
+Negotiation follows PS3.8: of the transfer syntaxes a context proposes, the first in the service's own
+order of preference is accepted (Explicit VR Little Endian before Implicit, as the conformance statement
+says), whatever the requestor's order; an association none of whose contexts can be accepted is rejected
+(A-ASSOCIATE-RJ rejected-permanent, service-user, no reason given: PS3.8 has no more specific reason,
+and DCMTK's DcmSCP sends the same), so that it holds no association slot. Role selection is answered
+for the SOP classes whose roles the service allows; asynchronous operations, extended negotiation and
+user identity are not answered, so their defaults hold.
 """
 
 from __future__ import annotations
@@ -31,12 +35,16 @@ from pydicom.uid import ImplicitVRLittleEndian
 
 from broker.dicom import dimse, pdu
 from broker.dicom.transport import quickack
+from broker.dicom.wellformed import MalformedDataSet
 from broker.dicom_json import JsonDataset
 
 log = structlog.get_logger(__name__)
 
 # A-ASSOCIATE-RJ (result, source, reason/diagnostic): PS3.8 table 9-21
 REJECT_NO_REASON = (0x01, 0x01, 0x01)
+# None of the proposed presentation contexts can be accepted: PS3.8 names no reason for it; no-reason-given
+# is what DCMTK's DcmSCP sends (and dcm4che's constants offer).
+REJECT_NO_ACCEPTABLE_CONTEXT = REJECT_NO_REASON
 REJECT_APPLICATION_CONTEXT_NOT_SUPPORTED = (0x01, 0x01, 0x02)
 REJECT_CALLING_AE_NOT_RECOGNIZED = (0x01, 0x01, 0x03)
 REJECT_PROTOCOL_VERSION_NOT_SUPPORTED = (0x01, 0x02, 0x02)
@@ -82,21 +90,18 @@ class Request:
     """A DIMSE request as a handler sees it (the counterpart of pynetdicom's ``Event``)."""
 
     def __init__(self, peer: Peer, context: AcceptedContext, message: dimse.Message,
-                 is_cancelled: Callable[[], bool]) -> None:
+                 is_cancelled: Callable[[], bool], data_set: Dataset | None = None) -> None:
         self.peer = peer
         self.context = context
         self.command = message.command
-        self._data_set = message.data_set
+        self._data_set = data_set
         self._is_cancelled = is_cancelled
 
     def data_set(self) -> Dataset:
-        """The request's data set (identifier, attribute list, event or action information).
-
-        Decoding is lazy in pydicom: an undecodable value raises when the handler reads it.
-        """
-        if self._data_set is None:
-            return Dataset()
-        return dimse.decode_data_set(self._data_set, self.context.is_implicit_vr)
+        """The request's data set (identifier, attribute list, event or action information), empty when
+        none came. It was checked and decoded completely before the handler was called: a request whose
+        data set cannot be decoded never reaches a handler (see ``Association._dispatch``)."""
+        return Dataset() if self._data_set is None else self._data_set
 
     @property
     def is_cancelled(self) -> bool:
@@ -127,7 +132,8 @@ class ServiceSet:
         self.requestor_roles[sop_class_uid] = requestor_roles
 
     def negotiate(self, request: pdu.AssociateRequest) -> tuple[list[pdu.ContextResult], list[pdu.RoleSelection]]:
-        """The answer to each proposed context, and the role selection replies."""
+        """The answer to each proposed context (our preferred transfer syntax among those it proposes),
+        and the role selection replies."""
         results = []
         for proposed in request.contexts:
             supported = self.transfer_syntaxes.get(proposed.abstract_syntax)
@@ -135,7 +141,7 @@ class ServiceSet:
                 results.append(pdu.ContextResult(proposed.context_id, pdu.ABSTRACT_SYNTAX_NOT_SUPPORTED,
                                                  ImplicitVRLittleEndian))
                 continue
-            chosen = next((ts for ts in proposed.transfer_syntaxes if ts in supported), None)
+            chosen = next((ts for ts in supported if ts in proposed.transfer_syntaxes), None)
             if chosen is None:
                 results.append(pdu.ContextResult(proposed.context_id, pdu.TRANSFER_SYNTAXES_NOT_SUPPORTED,
                                                  ImplicitVRLittleEndian))
@@ -225,18 +231,25 @@ class Association:
         self.peer = Peer(request.calling_ae_title, request.called_ae_title, self.address[0], self.address[1],
                          request.implementation_version_name)
         reject: Reject | None
+        results, roles = self.host.services.negotiate(request)
         if not request.protocol_version & 0x0001:
             reject = REJECT_PROTOCOL_VERSION_NOT_SUPPORTED
         elif request.application_context_name != pdu.DICOM_APPLICATION_CONTEXT:
             reject = REJECT_APPLICATION_CONTEXT_NOT_SUPPORTED
         else:
             reject = self.host.admit(request, self.address[0])
+            if reject is None and not any(r.result == pdu.ACCEPTANCE for r in results):
+                # Admitted (the allow-list says who it is) but nothing to serve: out of the count again.
+                self.host.leave()
+                log.warning("dicom.association_rejected", calling_ae=self.peer.calling_ae_title,
+                            peer=self.address[0], reason="no acceptable presentation context",
+                            proposed=sorted({c.abstract_syntax for c in request.contexts})[:8])
+                reject = REJECT_NO_ACCEPTABLE_CONTEXT
         if reject is not None:
             self._send(pdu.encode_associate_reject(*reject))
             self._linger()
             return False
         self._admitted = True
-        results, roles = self.host.services.negotiate(request)
         self.contexts = {
             r.context_id: AcceptedContext(r.context_id, p.abstract_syntax, r.transfer_syntax)
             for r, p in zip(results, request.contexts, strict=True) if r.result == pdu.ACCEPTANCE}
@@ -300,16 +313,42 @@ class Association:
                         or context.abstract_syntax)
         handler = self.host.services.handlers.get((context.abstract_syntax, field_))
         message_id = message.message_id
-        request = Request(self.peer, context, message, lambda: self._is_cancelled(message_id))
         if handler is None:
             status = dimse.SOP_CLASS_NOT_SUPPORTED if sop_class != context.abstract_syntax \
                 else dimse.UNRECOGNIZED_OPERATION
-            self._write_responses(request, [(status, None)])
+            self._write_responses(Request(self.peer, context, message, lambda: False), [(status, None)])
             return
+        data_set = None
+        if message.data_set is not None:
+            try:
+                data_set = dimse.decode_data_set(message.data_set, context.is_implicit_vr)
+            except MalformedDataSet as exc:
+                self._refuse_data_set(Request(self.peer, context, message, lambda: False), exc)
+                return
+        request = Request(self.peer, context, message, lambda: self._is_cancelled(message_id), data_set)
         try:
             self._write_responses(request, handler(request))
         finally:
             self._cancelled.discard(message_id)
+
+    def _refuse_data_set(self, request: Request, error: MalformedDataSet) -> None:
+        """Answer a request whose data set cannot be decoded, without calling its handler: C-FIND with
+        A900 (Identifier does not match SOP Class, Offending Element when known), the others with 0110
+        (Processing failure); both with an Error Comment saying what is wrong. Logged; the association
+        goes on."""
+        field_ = int(request.command.CommandField)
+        log.warning("dicom.bad_data_set", calling_ae=self.peer.calling_ae_title, peer=self.address[0],
+                    command=hex(field_), error=str(error))
+        status = Dataset()
+        what = _DATA_SET_NAMES.get(field_, "data set")
+        status.ErrorComment = f"undecodable {what}: {error}"[:64]
+        if field_ == dimse.C_FIND_RQ:
+            status.Status = dimse.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
+            if error.tag is not None:
+                status.OffendingElement = [error.tag]
+        else:
+            status.Status = dimse.PROCESSING_FAILURE
+        self._write_responses(request, [(status, None)])
 
     def _is_cancelled(self, message_id: int) -> bool:
         # Looking at the socket is a system call, and under load every system call can cost a thread
@@ -423,6 +462,10 @@ class Association:
             self.host.leave()
 
 
+# What the data set of each request is called in PS3.7 (for the Error Comment of an undecodable one).
+_DATA_SET_NAMES = {dimse.C_FIND_RQ: "identifier", dimse.N_CREATE_RQ: "attribute list",
+                   dimse.N_SET_RQ: "modification list", dimse.N_ACTION_RQ: "action information",
+                   dimse.N_EVENT_REPORT_RQ: "event information"}
 _NORMALIZED_REQUESTS = frozenset({dimse.N_EVENT_REPORT_RQ, dimse.N_GET_RQ, dimse.N_SET_RQ, dimse.N_ACTION_RQ,
                                   dimse.N_CREATE_RQ, dimse.N_DELETE_RQ})
 

@@ -21,6 +21,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
 
+from broker.dicom import wellformed
 from broker.dicom.encoding import NotDirectlyEncodable, encode_json_data_set
 from broker.dicom.pdu import PduError, PresentationDataValue
 from broker.dicom_json import JsonDataset
@@ -54,6 +55,9 @@ SOP_CLASS_NOT_SUPPORTED = 0x0122
 UNRECOGNIZED_OPERATION = 0x0211
 MISTYPED_ARGUMENT = 0x0212
 PROCESSING_FAILURE = 0x0110
+# C-FIND's answer to an identifier it cannot use (PS3.4 C.4.1.1.4, K.4.1.1.4: Identifier does not match
+# SOP Class); the normalized services answer an undecodable data set with PROCESSING_FAILURE (PS3.7 C.4).
+IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 
 # The elements of a response's status that a handler's status data set may carry (PS3.7 C.4).
 STATUS_DETAIL_KEYWORDS = ("OffendingElement", "ErrorComment", "ErrorID", "AttributeIdentifierList")
@@ -140,9 +144,34 @@ def decode_command(data: bytes) -> Dataset:
 
 
 def decode_data_set(data: bytes, is_implicit_vr: bool) -> Dataset:
-    """A data set in the presentation context's (little endian) transfer syntax; parsing is lazy in
-    pydicom, so undecodable values surface when the element is read."""
-    return read_dataset(BytesIO(data), is_implicit_VR=is_implicit_vr, is_little_endian=True)
+    """A request's data set in the presentation context's (little endian) transfer syntax, checked and
+    decoded completely; raises :class:`MalformedDataSet` naming the tag (never the value).
+
+    pydicom reads lazily and forgivingly (see :mod:`broker.dicom.wellformed`): the bytes are checked
+    first, then every element (sequence items included) is converted here, so that no handler meets an
+    undecodable value half-way through its work. The handlers read most elements anyway, and pydicom
+    keeps each converted element, so this costs little more than the handler's own reads.
+    """
+    wellformed.check(data, is_implicit_vr)
+    try:
+        dataset = read_dataset(BytesIO(data), is_implicit_VR=is_implicit_vr, is_little_endian=True)
+    except Exception as exc:  # the check above leaves pydicom little to fail on
+        raise wellformed.MalformedDataSet(f"undecodable ({type(exc).__name__})") from exc
+    _convert_all(dataset)
+    return dataset
+
+
+def _convert_all(dataset: Dataset) -> None:
+    """Convert every raw element of ``dataset`` and of its sequences' items into its value."""
+    for tag in list(dataset.keys()):
+        try:
+            element = dataset[tag]
+        except Exception as exc:
+            raise wellformed.MalformedDataSet(f"{wellformed.tag_text(tag)} cannot be decoded "
+                                              f"({type(exc).__name__})", int(tag)) from exc
+        if element.VR == "SQ":
+            for item in element.value:
+                _convert_all(item)
 
 
 def encode_data_set(dataset: Dataset | JsonDataset, is_implicit_vr: bool) -> bytes:

@@ -17,7 +17,7 @@ from broker.dicom.association import Request
 from broker.dicom.statuses import failure_dataset
 from broker.dicom_json import JsonDataset
 from broker.mwl.finder import WorklistFinder
-from broker.mwl.identifier import IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, IdentifierError
+from broker.mwl.identifier import IdentifierError
 from broker.web.metrics import CFIND_SECONDS  # Prometheus (issue 6); imports no web stack
 
 log = structlog.get_logger(__name__)
@@ -35,12 +35,7 @@ FindResponse = tuple[int | Dataset, Dataset | JsonDataset | None]
 def handle_find(request: Request, finder: WorklistFinder) -> Iterator[FindResponse]:
     """C-FIND handler for Modality Worklist Information Model - FIND."""
     calling_ae_title = request.peer.calling_ae_title
-    try:
-        identifier = request.data_set()
-    except Exception as exc:  # undecodable bytes in the request
-        log.warning("mwl.bad_identifier", calling_ae=calling_ae_title, error=str(exc))
-        yield failure_dataset(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, "identifier cannot be decoded"), None
-        return
+    identifier = request.data_set()  # decoded and checked: an undecodable one got A900 without us
     started = time.perf_counter()
     count = 0
     try:

@@ -21,7 +21,7 @@ from broker.ups.service import UpsService
 log = structlog.get_logger(__name__)
 
 PENDING, CANCEL, SUCCESS = 0xFF00, 0xFE00, 0x0000
-IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, UNABLE_TO_PROCESS = 0xA900, 0xC000
+UNABLE_TO_PROCESS = 0xC000
 
 
 def _requested_uid(request: Request) -> str:
@@ -65,15 +65,9 @@ def handle_n_action(request: Request, ups: UpsService) -> Iterator[Response]:
 def handle_find(request: Request, ups: UpsService) -> Iterator[Response]:
     """C-FIND (Pull, Watch, Query): the matching workitems, one pending response each."""
     calling = request.peer.calling_ae_title
-    try:
-        identifier = request.data_set()
-    except Exception as exc:
-        log.warning("ups.bad_identifier", calling_ae=calling, error=str(exc))
-        yield failure_dataset(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, "identifier cannot be decoded"), None
-        return
     count = 0
     try:
-        for response in ups.find(identifier):
+        for response in ups.find(request.data_set()):
             if request.is_cancelled:
                 yield CANCEL, None
                 return
