@@ -199,6 +199,8 @@ class Association:
 
     # --- the life of the association ----------------------------------------------------------------
     def run(self) -> None:
+        # every event of this thread (pydicom's warnings too) names the peer, and the calling AE once known
+        structlog.contextvars.bind_contextvars(peer=self.address[0])
         try:
             if self._negotiate():
                 self._serve()
@@ -221,6 +223,7 @@ class Association:
             self._leave()
             with contextlib.suppress(OSError):
                 self.sock.close()
+            structlog.contextvars.unbind_contextvars("peer", "calling_ae")
 
     def _negotiate(self) -> bool:
         self.sock.settimeout(self.host.acse_timeout)
@@ -230,6 +233,7 @@ class Association:
         request = pdu.parse_associate_request(body)
         self.peer = Peer(request.calling_ae_title, request.called_ae_title, self.address[0], self.address[1],
                          request.implementation_version_name)
+        structlog.contextvars.bind_contextvars(calling_ae=request.calling_ae_title)
         reject: Reject | None
         results, roles = self.host.services.negotiate(request)
         if not request.protocol_version & 0x0001:
