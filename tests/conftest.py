@@ -12,12 +12,19 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from broker.mapping.rules import MappingSet, load_mappings
+from broker.outbound.requestor_responses import keep_responses_for_the_caller
 from broker.store import migrate
 from broker.store.session import make_engine, make_session_factory
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT.parent / "shared" / "samples" / "hl7"
 POSTGRES_ADMIN_URL = os.environ.get("BROKER_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # pynetdicom's reactor can take and drop the response a send_* call waits for (issue 17 item 13):
+    # the tests' pynetdicom clients keep their responses, as the broker's own requestors do.
+    keep_responses_for_the_caller()
 
 
 def sample(name: str) -> bytes:

@@ -23,6 +23,7 @@ from pynetdicom.status import code_to_category
 from broker.config import Peer
 from broker.dicom.statuses import status_dataset
 from broker.dicom.stgcmt_scp import answer_report
+from broker.outbound.requestor_responses import keep_responses_for_the_caller
 from broker.stgcmt.service import CommitmentService
 from broker.workflow.outcome import PROCESSING_FAILURE, Outcome, failure
 
@@ -45,6 +46,7 @@ def forward_mpps(calling_ae: str, peer: Peer, operation: str, sop_instance_uid: 
                  timeout: float = 30.0) -> None:
     """Send one MPPS N-CREATE or N-SET to ``peer``. A 0x0111 answer to a repeated N-CREATE counts as
     delivered (the first attempt reached the peer, its response was lost)."""
+    keep_responses_for_the_caller()
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.add_requested_context(ModalityPerformedProcedureStep)
@@ -113,6 +115,7 @@ def send_commitment_request(request: CommitmentRequestMessage, *, commitment: Co
         if recorded.is_set() and type(event.message).__name__ == "N_EVENT_REPORT_RSP":
             reported.set()
 
+    keep_responses_for_the_caller()
     ae = AE(ae_title=request.calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.add_requested_context(StorageCommitmentPushModel, TRANSFER_SYNTAXES)
