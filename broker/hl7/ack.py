@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from broker.hl7.errors import ERROR_TEXT, Problem
-from broker.hl7.message import Delimiters, Message, parse
+from broker.hl7.message import CONTROL_CHARACTERS, Delimiters, Message, parse
 
 _counter = itertools.count(1)
 
@@ -79,7 +79,10 @@ def _escape_table(d: Delimiters) -> dict[int, str] | None:
         table[ord(char)] = f"{d.escape}{code}{d.escape}"
     if len(table) != 5 or ord("\r") in table or ord("\n") in table:
         return None
-    return table | {ord("\r"): " ", ord("\n"): " "}
+    # A control character (an MSH-10 carrying NUL, echoed in MSA-2) goes out as its hex escape: the ACK
+    # itself then holds none, and the sender's value is still recognisable.
+    controls = {c: f"{d.escape}X{c:02X}{d.escape}" for c in (*range(0x20), 0x7F) if c not in table}
+    return controls | table | {ord("\r"): " ", ord("\n"): " "}
 
 
 def _escape(text: str, d: Delimiters) -> str:
@@ -90,7 +93,8 @@ def _escape(text: str, d: Delimiters) -> str:
     out = text.replace(d.escape, f"{d.escape}E{d.escape}")
     for char, code in ((d.field, "F"), (d.component, "S"), (d.subcomponent, "T"), (d.repetition, "R")):
         out = out.replace(char, f"{d.escape}{code}{d.escape}")
-    return out.replace("\r", " ").replace("\n", " ")
+    out = out.replace("\r", " ").replace("\n", " ")
+    return CONTROL_CHARACTERS.sub(lambda m: f"{d.escape}X{ord(m.group()):02X}{d.escape}", out)
 
 
 def _version_at_least_25(version: str) -> bool:

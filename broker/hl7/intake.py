@@ -35,6 +35,7 @@ commit): the later one waits until the earlier one is answered, and is then answ
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Iterator
@@ -52,7 +53,7 @@ from broker.domain.services import Cause, WorklistService
 from broker.hl7 import ack
 from broker.hl7.dispatch import Apply, Context, handler_for
 from broker.hl7.errors import APPLICATION_INTERNAL_ERROR, DATA_TYPE_ERROR, MessageError, Problem
-from broker.hl7.message import parse
+from broker.hl7.message import control_problems, may_hold_control_characters, parse, storable
 from broker.mapping.charsets import Charset, UnknownCharset, message_charset
 from broker.mapping.rules import Mapping, MappingSet
 from broker.store.prepared import Prepared
@@ -116,11 +117,26 @@ class _Job:
     finished: bool = False
     wake: threading.Event = field(default_factory=threading.Event)
 
+    @functools.cached_property
+    def sender(self) -> str:
+        """MSH-3^MSH-4 as the archive stores it (control characters as hex escapes, see ``storable``)."""
+        return storable(self.header.sender)[:200]
+
+    @functools.cached_property
+    def control_id(self) -> str:
+        """MSH-10 as the archive stores it."""
+        return storable(self.header.control_id)[:64]
+
+    @functools.cached_property
+    def message_type(self) -> str:
+        """MSH-9.1^MSH-9.2 as the archive stores it."""
+        return storable(f"{self.header.message_type}^{self.header.trigger_event}")[:20]
+
     @property
     def key(self) -> tuple[str, str] | None:
         """What makes two messages copies of each other (None: never, an empty MSH-10)."""
-        control_id = self.header.control_id[:64]
-        return (self.header.sender[:200], control_id) if control_id else None
+        control_id = self.control_id
+        return (self.sender, control_id) if control_id else None
 
     def clear(self) -> None:
         """Forget the answer of an attempt that was rolled back."""
@@ -355,9 +371,9 @@ class Intake:
         (``archived_id`` stays None); it is resolved in the processing transaction.
         """
         now = datetime.now()
-        rows = [{"peer": job.peer[:100], "sender": job.header.sender[:200], "control_id": job.header.control_id[:64],
-                 "message_type": f"{job.header.message_type}^{job.header.trigger_event}"[:20], "raw": job.raw,
-                 "charset": job.header.character_set[:32], "received_at": now, "status": "received"}
+        rows = [{"peer": job.peer[:100], "sender": job.sender, "control_id": job.control_id,
+                 "message_type": job.message_type, "raw": job.raw,
+                 "charset": storable(job.header.character_set)[:32], "received_at": now, "status": "received"}
                 for job in jobs]
         for attempt in range(RETRIES):
             try:
@@ -379,8 +395,7 @@ class Intake:
         job.message_id = job.archived_id
         if job.archived_id is not None:
             return False
-        original = db.execute(_ORIGINAL, {"sender": job.header.sender[:200],
-                                          "control_id": job.header.control_id[:64]}).first()
+        original = db.execute(_ORIGINAL, {"sender": job.sender, "control_id": job.control_id}).first()
         if original is None:  # pragma: no cover - only a deleted archive row gets here
             raise OperationalError("archive", {}, Exception("the original of a repeated message vanished"))
         if original.ack is None:
@@ -392,11 +407,10 @@ class Intake:
     def _answer_as_duplicate(self, db: Connection, job: _Job, original_id: int, original_ack: bytes,
                              ack_code: str) -> None:
         now = datetime.now()
-        header = job.header
         db.execute(_INSERT_DUPLICATE, {
-            "peer": job.peer[:100], "sender": header.sender[:200], "control_id": header.control_id[:64],
-            "message_type": f"{header.message_type}^{header.trigger_event}"[:20], "raw": job.raw,
-            "charset": header.character_set[:32], "received_at": now, "processed_at": now,
+            "peer": job.peer[:100], "sender": job.sender, "control_id": job.control_id,
+            "message_type": job.message_type, "raw": job.raw,
+            "charset": storable(job.header.character_set)[:32], "received_at": now, "processed_at": now,
             "status": "duplicate", "ack_code": ack_code, "ack": original_ack, "duplicate_of_id": original_id})
         job.answer("duplicate", list(original_ack.split(FRAME_JOINER)) if original_ack else [])
 
@@ -530,6 +544,10 @@ class Intake:
             raise MessageError([Problem(DATA_TYPE_ERROR, f"bytes not valid in {charset.hl7_name} at offset "
                                         f"{exc.start}", "MSH", 1, 18)], reject=True) from exc
         message = parse(text)
+        if may_hold_control_characters(raw, text, message.delimiters.escape):
+            problems = control_problems(message)
+            if problems:  # in the header the message cannot even be routed: refused (AR)
+                raise MessageError(problems, reject=any(p.segment == "MSH" for p in problems))
         job.cause_text = f"HL7 {'^'.join(message.message_type)} {message.control_id}"
         job.event_ref = message.control_id
         handler = handler_for(message)
@@ -547,7 +565,7 @@ class Intake:
     def _record(db: Connection, job: _Job, outcome: str, replies: list[bytes], error: str) -> bool:
         """Store the outcome on the message's row; False if the row was answered already."""
         values = {"status": OUTCOME_STATUS[outcome], "ack_code": outcome, "processed_at": datetime.now(),
-                  "ack": FRAME_JOINER.join(replies), "error": error[:4000]}
+                  "ack": FRAME_JOINER.join(replies), "error": storable(error)[:4000]}
         if job.charset is not None:
             values["charset"] = job.charset.hl7_name
         return _RECORD_OUTCOME.rowcount(db, {"pk": job.message_id, **values}) == 1
