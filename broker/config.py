@@ -63,6 +63,7 @@ class Settings(BaseSettings):
     dicom_dimse_timeout: float = Field(30, gt=0)
     dicom_network_timeout: float = Field(60, gt=0)
     dicom_max_pdu: int = Field(65536, ge=0)
+    dicom_max_message_bytes: int = Field(16 * 1024 * 1024, ge=65536)
     dicom_tcp_quickack: bool = True
     dicom_processes: int = Field(1, ge=1, le=32)
     dicom_allowed_callers: str = ""

@@ -58,6 +58,8 @@ _FLUSH_SECONDS = 0.002
 # A C-CANCEL is looked for at most this often while responses are produced.
 _CANCEL_CHECK_SECONDS = 0.002
 _RECEIVE_BYTES = 65536
+# Room in a P-DATA-TF beyond the largest message: PDV headers and a command set.
+_PDU_OVERHEAD = 65536
 # How long to wait for the peer to close after A-RELEASE-RP, A-ASSOCIATE-RJ or A-ABORT (ARTIM).
 _LINGER_SECONDS = 5.0
 
@@ -166,6 +168,7 @@ class AssociationHost(Protocol):
     acse_timeout: float
     dimse_timeout: float
     network_timeout: float
+    max_message_bytes: int
     quickack: bool
 
     def admit(self, request: pdu.AssociateRequest, address: str) -> Reject | None:
@@ -189,13 +192,16 @@ class Association:
         self.peer = Peer("", "", address[0], address[1])
         self.contexts: dict[int, AcceptedContext] = {}
         self.peer_maximum_length = 0
-        self._assembler = dimse.MessageAssembler()
+        self._assembler = dimse.MessageAssembler(host.max_message_bytes)
         self._backlog: deque[dimse.Message] = deque()
         self._cancelled: set[int] = set()
         self._admitted = False
         self._release_requested = False
         self._received = bytearray()  # read from the socket, not yet parsed
         self._cancel_checked = 0.0
+        self._started = time.monotonic()  # the A-ASSOCIATE-RQ is due within the ACSE timeout of this
+        self._message_deadline = 0.0  # by when the DIMSE message under way must be complete
+        self._pdu_deadline = 0.0  # by when the PDU being read must be complete
 
     # --- the life of the association ----------------------------------------------------------------
     def run(self) -> None:
@@ -209,6 +215,10 @@ class Association:
         except TimeoutError:
             log.info("dicom.association_timeout", calling_ae=self.peer.calling_ae_title, peer=self.address[0])
             self._abort(pdu.REASON_NOT_SPECIFIED)
+        except dimse.MessageTooLarge as exc:
+            log.warning("dicom.message_too_large", calling_ae=self.peer.calling_ae_title, peer=self.address[0],
+                        bytes=exc.size, limit=exc.limit)
+            self._abort(exc.reason)
         except pdu.PduError as exc:
             log.warning("dicom.protocol_error", calling_ae=self.peer.calling_ae_title, peer=self.address[0],
                         error=str(exc))
@@ -226,8 +236,8 @@ class Association:
             structlog.contextvars.unbind_contextvars("peer", "calling_ae")
 
     def _negotiate(self) -> bool:
-        self.sock.settimeout(self.host.acse_timeout)
-        pdu_type, body = self._read_pdu()
+        # The whole request within the ACSE timeout of the connection, however it is trickled.
+        pdu_type, body = self._read_pdu(self._started + self.host.acse_timeout)
         if pdu_type != pdu.A_ASSOCIATE_RQ:
             raise pdu.PduError(f"PDU type 0x{pdu_type:02X} before A-ASSOCIATE-RQ", pdu.REASON_UNEXPECTED_PDU)
         request = pdu.parse_associate_request(body)
@@ -272,16 +282,25 @@ class Association:
             if self._release_requested:
                 self._release()
                 return
-            self._receive(block=True)
+            self._receive()
 
-    def _receive(self, block: bool) -> None:
-        """Read one PDU and act on it; complete DIMSE messages are queued in the backlog."""
-        if block:
-            self.sock.settimeout(self.host.dimse_timeout if self._assembler.in_progress
-                                 else self.host.network_timeout)
-        pdu_type, body = self._read_pdu()
+    def _receive(self) -> None:
+        """Read one PDU and act on it; complete DIMSE messages are queued in the backlog.
+
+        Between messages the peer may stay silent for the network timeout; a PDU, once its first byte
+        is here, and a DIMSE message, once its first PDU is, must be complete within the DIMSE timeout
+        (a peer trickling bytes does not hold the association, and its thread, longer than that)."""
+        if self._assembler.in_progress:
+            pdu_type, body = self._read_pdu(self._message_deadline)
+        else:
+            pdu_type, body = self._read_pdu(time.monotonic() + self.host.network_timeout,
+                                            complete_within=self.host.dimse_timeout)
         if pdu_type == pdu.P_DATA_TF:
-            for message in self._assembler.add(pdu.parse_p_data(body)):
+            starting = not self._assembler.in_progress
+            messages = self._assembler.add(pdu.parse_p_data(body))
+            if starting and self._assembler.in_progress:
+                self._message_deadline = self._pdu_deadline
+            for message in messages:
                 if message.command_field == dimse.C_CANCEL_RQ:
                     self._cancelled.add(int(message.command.get("MessageIDBeingRespondedTo", -1)))
                 else:
@@ -361,7 +380,7 @@ class Association:
         if message_id not in self._cancelled and now - self._cancel_checked >= _CANCEL_CHECK_SECONDS:
             self._cancel_checked = now
             if self._readable():
-                self._receive(block=False)
+                self._receive()
         return message_id in self._cancelled
 
     def _readable(self) -> bool:
@@ -416,22 +435,37 @@ class Association:
         return out + pdu.encode_p_data(request.context.context_id, False, payload, self.peer_maximum_length)
 
     # --- the wire -----------------------------------------------------------------------------------
-    def _read_pdu(self) -> tuple[int, bytes]:
-        header = self._read_exact(pdu.PDU_HEADER_LENGTH)
+    def _read_pdu(self, deadline: float, complete_within: float | None = None) -> tuple[int, bytes]:
+        """One PDU, whose first byte must arrive by ``deadline`` (``time.monotonic``), and all of it by
+        then too or, given ``complete_within``, within that many seconds of its first byte."""
+        if not self._received:
+            self._read_exact(1, deadline, consume=False)
+        if complete_within is not None:
+            deadline = time.monotonic() + complete_within
+        self._pdu_deadline = deadline
+        header = self._read_exact(pdu.PDU_HEADER_LENGTH, deadline)
         pdu_type, length = pdu.parse_header(header)
         limit = self.host.maximum_length
         if pdu_type == pdu.P_DATA_TF and limit and length > limit:
             raise pdu.PduError(f"P-DATA-TF of {length} bytes, over the negotiated {limit}",
                                pdu.REASON_INVALID_PDU_PARAMETER)
+        if pdu_type == pdu.P_DATA_TF and length > self._assembler.maximum_bytes + _PDU_OVERHEAD:
+            # not read at all: with BROKER_DICOM_MAX_PDU 0 one PDU could otherwise be any size
+            raise dimse.MessageTooLarge(length, self._assembler.maximum_bytes)
         if pdu_type != pdu.P_DATA_TF and length > 1 << 20:
             raise pdu.PduError(f"PDU of {length} bytes", pdu.REASON_INVALID_PDU_PARAMETER)
-        return pdu_type, self._read_exact(length)
+        return pdu_type, self._read_exact(length, deadline)
 
-    def _read_exact(self, count: int) -> bytes:
-        """``count`` bytes, from what an earlier ``recv`` brought or from the socket; one ``recv`` takes
-        whatever has arrived (often a whole request), not one PDU header at a time."""
+    def _read_exact(self, count: int, deadline: float, consume: bool = True) -> bytes:
+        """``count`` bytes by ``deadline``, from what an earlier ``recv`` brought or from the socket; one
+        ``recv`` takes whatever has arrived (often a whole request), not one PDU header at a time.
+        Raises TimeoutError at the deadline, however many bytes have come by then."""
         received = self._received
         while len(received) < count:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            self.sock.settimeout(remaining)
             if self.host.quickack:
                 quickack(self.sock)
             data = self.sock.recv(max(_RECEIVE_BYTES, count - len(received)))
@@ -440,11 +474,14 @@ class Association:
                     log.info("dicom.connection_closed", calling_ae=self.peer.calling_ae_title, peer=self.address[0])
                 raise _Closed
             received += data
+        if not consume:
+            return b""
         out = bytes(received[:count])
         del received[:count]
         return out
 
     def _send(self, data: bytes) -> None:
+        self.sock.settimeout(self.host.dimse_timeout)  # a read may have left a deadline's remainder
         self.sock.sendall(data)
         if self.host.quickack:
             quickack(self.sock)

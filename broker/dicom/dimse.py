@@ -23,7 +23,7 @@ from pydicom.filewriter import write_dataset
 
 from broker.dicom import wellformed
 from broker.dicom.encoding import NotDirectlyEncodable, encode_json_data_set
-from broker.dicom.pdu import PduError, PresentationDataValue
+from broker.dicom.pdu import REASON_NOT_SPECIFIED, PduError, PresentationDataValue
 from broker.dicom_json import JsonDataset
 
 # Command Field values (PS3.7 annex E)
@@ -220,11 +220,26 @@ class Message:
         return int(self.command.get("MessageID", 0))
 
 
+class MessageTooLarge(PduError):
+    """A DIMSE message (command and data set) longer than the broker takes; the association is aborted."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"DIMSE message of {size} bytes or more, over the limit of {limit}", REASON_NOT_SPECIFIED)
+        self.size = size
+        self.limit = limit
+
+
 class MessageAssembler:
     """Collects PDV fragments until a message is complete (PS3.8 annex E: a command, then its data
-    set if Command Data Set Type says one follows, each possibly split over many PDVs)."""
+    set if Command Data Set Type says one follows, each possibly split over many PDVs).
 
-    def __init__(self) -> None:
+    A message may be at most ``maximum_bytes`` long (command and data set): PS3.8 sets no limit, and
+    without one a peer streaming fragments grew the broker by what it sent. The fragment that would
+    pass the limit raises :class:`MessageTooLarge` before it is kept, so no more than ``maximum_bytes``
+    are ever buffered."""
+
+    def __init__(self, maximum_bytes: int = 16 * 1024 * 1024) -> None:
+        self.maximum_bytes = maximum_bytes
         self._context_id: int | None = None
         self._command = bytearray()
         self._data = bytearray()
@@ -243,6 +258,9 @@ class MessageAssembler:
                 self._context_id = value.context_id
             elif value.context_id != self._context_id:
                 raise PduError("a message's fragments arrived on two presentation contexts")
+            size = len(self._command) + len(self._data) + len(value.data)
+            if size > self.maximum_bytes:
+                raise MessageTooLarge(size, self.maximum_bytes)
             if value.is_command:
                 if self._decoded is not None:
                     raise PduError("command fragment where a data set fragment was expected")

@@ -123,6 +123,7 @@ class DicomServer:
         self.acse_timeout = settings.dicom_acse_timeout
         self.dimse_timeout = settings.dicom_dimse_timeout
         self.network_timeout = settings.dicom_network_timeout
+        self.max_message_bytes = settings.dicom_max_message_bytes
         self.quickack = settings.dicom_tcp_quickack
         self.policy = CallerPolicy.from_pairs(settings.allowed_callers)
         self.finder = WorklistFinder(engine, worklist_options(settings))

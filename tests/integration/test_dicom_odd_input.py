@@ -5,7 +5,9 @@ not what they claim to be, driven from outside over real sockets.
   answered with the service's failure status and an Error Comment, for every DIMSE service, and nothing
   of them is stored (items 5, 6);
 - an association that proposes nothing the broker serves is rejected and holds no slot (item 9);
-- Explicit VR Little Endian is chosen when both are proposed, in either order (item 10).
+- Explicit VR Little Endian is chosen when both are proposed, in either order (item 10);
+- a DIMSE message past ``BROKER_DICOM_MAX_MESSAGE_BYTES`` aborts the association before it is buffered
+  (item 7), and the ACSE and DIMSE timeouts bound a whole request, however slowly it is trickled (item 8).
 
 The association requests are encoded by pynetdicom; the DIMSE messages with broken data sets are written
 byte by byte, since no toolkit sends them.
@@ -13,12 +15,17 @@ byte by byte, since no toolkit sends them.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import socket
 import struct
+import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from io import BytesIO
+from pathlib import Path
 
 import pytest
 from pydicom.dataset import Dataset
@@ -48,6 +55,7 @@ from broker.store.session import make_engine
 from broker.workflow.build import build_workflow
 from tests.conftest import module_database
 from tests.dicom_support import dicom_server, free_port
+from tests.integration.test_cli import broker_run, env_for
 from tests.integration.test_dicom_acceptor import read_pdu
 from tests.integration.test_ups_scp import get, ups_scu, ups_settings, workitem
 
@@ -308,3 +316,106 @@ def test_explicit_vr_is_chosen_whatever_the_order(one_slot: DicomServer, propose
         assert [(r.result, r.transfer_syntax) for r in results.values()] == [
             (pdu.ACCEPTANCE, ExplicitVRLittleEndian)] * 2
         release(sock)
+
+
+# --- size and time limits ------------------------------------------------------------------------------
+
+def vm_hwm_kib(pid: int) -> int:
+    """The process's peak resident memory (VmHWM), in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def test_a_message_past_the_size_limit_aborts_before_it_is_buffered(tmp_path: Path) -> None:
+    """Item 7: 96 MB of one C-FIND data set in 64 KB P-DATA fragments grew the broker by about as much;
+    with ``BROKER_DICOM_MAX_MESSAGE_BYTES`` 4 MiB the broker aborts once the message passes 4 MiB, and its
+    peak memory grows by little more than that."""
+    dicom_port = free_port()
+    env = env_for(f"sqlite:///{tmp_path / 'broker.db'}", BROKER_HL7_PORT=str(free_port()), BROKER_HTTP_PORT="0",
+                  BROKER_DICOM_PORT=str(dicom_port), BROKER_DICOM_HOST="127.0.0.1",
+                  BROKER_DICOM_MAX_MESSAGE_BYTES=str(4 * 1024 * 1024))
+    with broker_run(env, dicom_port, stderr=subprocess.DEVNULL) as process, \
+            socket.create_connection(("127.0.0.1", dicom_port), timeout=30) as sock:
+        sock.sendall(associate_request([(1, ModalityWorklistInformationFind, [ExplicitVRLittleEndian])]))
+        assert read_pdu(sock)[0] == pdu.A_ASSOCIATE_AC
+        before = vm_hwm_kib(process.pid)
+        command = dimse.encode_command({"AffectedSOPClassUID": ModalityWorklistInformationFind,
+                                        "CommandField": dimse.C_FIND_RQ, "MessageID": 1, "Priority": 0,
+                                        "CommandDataSetType": dimse.DATA_SET_PRESENT})
+        sock.sendall(pdu.encode_p_data(1, True, command, 0))  # then the data set, never ending
+        chunk = bytes(65536 - pdu.PDV_HEADER_LENGTH)  # a data set fragment, never the last
+        fragment = struct.pack(">BBLLBB", pdu.P_DATA_TF, 0, len(chunk) + 6, len(chunk) + 2, 1, 0x00) + chunk
+        sent = [0]
+
+        def stream() -> None:
+            with contextlib.suppress(OSError):
+                while sent[0] < 96 * 1024 * 1024:
+                    sock.sendall(fragment)
+                    sent[0] += len(fragment)
+
+        streamer = threading.Thread(target=stream, daemon=True)
+        streamer.start()
+        pdu_type, body = read_pdu(sock)
+        assert (pdu_type, body[2]) == (pdu.A_ABORT, pdu.ABORT_SOURCE_SERVICE_PROVIDER)
+        streamer.join(timeout=30)
+        grown_mib = (vm_hwm_kib(process.pid) - before) / 1024
+        assert grown_mib < 24, f"the broker grew by {grown_mib:.0f} MiB"
+        assert sent[0] < 48 * 1024 * 1024, f"the broker read {sent[0]} bytes"
+
+
+def trickle(sock: socket.socket, data: bytes, seconds_per_byte: float) -> threading.Thread:
+    """Send ``data`` one byte every ``seconds_per_byte`` in a thread, until it is sent or the connection ends."""
+    def run() -> None:
+        with contextlib.suppress(OSError):
+            for byte in data:
+                sock.sendall(bytes((byte,)))
+                time.sleep(seconds_per_byte)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.fixture(scope="module")
+def short_timeouts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DicomServer]:
+    """The worklist AE with ACSE and DIMSE timeouts of 2 s and a network timeout of 30 s."""
+    url = f"sqlite:///{tmp_path_factory.mktemp('timeouts') / 'wl.db'}"
+    migrate.upgrade(make_engine(url))
+    settings = load_settings(dicom_host="127.0.0.1", dicom_port=free_port(), dicom_acse_timeout=2,
+                             dicom_dimse_timeout=2, dicom_network_timeout=30)
+    server = DicomServer(settings, make_engine(url, for_reading=True))
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_an_association_request_trickled_byte_by_byte_is_cut_off_at_the_acse_timeout(
+        short_timeouts: DicomServer) -> None:
+    """Item 8: one byte every 0.4 s kept the request alive indefinitely (the timeout was per read)."""
+    with socket.create_connection(("127.0.0.1", short_timeouts.port), timeout=30) as sock:
+        started = time.monotonic()
+        trickle(sock, associate_request([(1, Verification, [ImplicitVRLittleEndian])]), 0.4)
+        pdu_type, _ = read_pdu(sock)
+        elapsed = time.monotonic() - started
+        assert pdu_type == pdu.A_ABORT
+        assert 1.5 < elapsed < 4.5, elapsed
+
+
+def test_a_dimse_message_trickled_byte_by_byte_is_cut_off_at_the_dimse_timeout(
+        short_timeouts: DicomServer) -> None:
+    """Item 8: once a message has begun, all of it within the DIMSE timeout (here 2 s, the idle timeout
+    between messages being 30 s)."""
+    with socket.create_connection(("127.0.0.1", short_timeouts.port), timeout=30) as sock:
+        sock.sendall(associate_request([(ECHO_CX, Verification, [ImplicitVRLittleEndian])]))
+        assert read_pdu(sock)[0] == pdu.A_ASSOCIATE_AC
+        assert echo_works(sock)
+        command = dimse.encode_command({"AffectedSOPClassUID": Verification, "CommandField": dimse.C_ECHO_RQ,
+                                        "MessageID": 8, "CommandDataSetType": dimse.NO_DATA_SET})
+        started = time.monotonic()
+        trickle(sock, pdu.encode_p_data(ECHO_CX, True, command, 0), 0.4)
+        pdu_type, _ = read_pdu(sock)
+        elapsed = time.monotonic() - started
+        assert pdu_type == pdu.A_ABORT
+        assert 1.5 < elapsed < 4.5, elapsed

@@ -86,3 +86,18 @@ def test_raw_command_values_give_status_and_data_set_type_as_pydicom_reads_them(
     assert dimse.us_value(values, "EventTypeID", -1) == -1  # absent
     with pytest.raises(PduError):
         dimse.command_values(encoded[:-1])
+
+
+def test_assembler_refuses_a_message_past_its_limit_before_keeping_it() -> None:
+    """Issue 17 item 7: fragments are kept up to the limit; the one that would pass it raises, and what
+    is buffered never exceeds the limit (the association then aborts)."""
+    limit = 100_000
+    assembler = dimse.MessageAssembler(limit)
+    assembler.add([PresentationDataValue(1, True, True, command_bytes(dimse.C_FIND_RQ, with_data=True))])
+    fragment = bytes(16_000)
+    with pytest.raises(dimse.MessageTooLarge) as raised:
+        for _ in range(100):
+            assembler.add([PresentationDataValue(1, False, False, fragment)])
+            assert len(assembler._command) + len(assembler._data) <= limit
+    assert raised.value.limit == limit and raised.value.size > limit
+    assert len(assembler._command) + len(assembler._data) <= limit
