@@ -38,6 +38,9 @@ class Delimiters:
     subcomponent: str = "&"
 
 
+_STANDARD = Delimiters()
+
+
 @dataclass
 class Segment:
     """One segment; ``fields[n]`` is field n (for MSH, ``fields[1]`` is the field separator)."""
@@ -138,6 +141,18 @@ class Message:
             text = _nth(text, d.subcomponent, subcomponent) or ""
         return text if text == NULL or d.escape not in text else self.unescape(text)
 
+    def subcomponents(self, raw_component: str) -> list[str]:
+        """The unescaped subcomponents of one raw (still escaped) component.
+
+        Split at the real subcomponent separator before escapes are resolved, so an escaped one
+        (``\\T\\``) stays a literal ``&`` inside its subcomponent: ``SMITH\\T\\JONES`` is one
+        subcomponent ``SMITH&JONES``, ``VAN&DER&BERG`` three.
+        """
+        if raw_component == NULL:
+            return [NULL]
+        parts = raw_component.split(self.delimiters.subcomponent)
+        return parts if self.delimiters.escape not in raw_component else [self.unescape(p) for p in parts]
+
     def unescape(self, text: str) -> str:
         """Resolve HL7 escape sequences (\\F\\ \\S\\ \\T\\ \\R\\ \\E\\ \\Xhh\\ \\.br\\ ...)."""
         esc = self.delimiters.escape
@@ -230,6 +245,21 @@ def parse(text: str) -> Message:
                                         parts[0][:3], len(segments) + 1)], reject=True)
         segments.append(Segment(parts[0], parts))
     return Message(segments, delimiters)
+
+
+def escape(text: str, d: Delimiters = _STANDARD) -> str:
+    """``text`` as HL7 field content: each delimiter as its escape (``&`` -> ``\\T\\``), each control
+    character as its hex escape (``\\X00\\``), CR and LF as spaces. For every value the broker writes
+    into an HL7 message of its own (status messages to the RIS, the messages built from HTTP requests);
+    :func:`Message.unescape` gives the text back."""
+    out = text.replace(d.escape, f"{d.escape}E{d.escape}")
+    for char, code in ((d.field, "F"), (d.component, "S"), (d.subcomponent, "T"), (d.repetition, "R")):
+        if char in out:
+            out = out.replace(char, f"{d.escape}{code}{d.escape}")
+    out = out.replace("\r", " ").replace("\n", " ")
+    if CONTROL_CHARACTERS.search(out) is None:
+        return out
+    return CONTROL_CHARACTERS.sub(lambda m: f"{d.escape}X{ord(m.group()):02X}{d.escape}", out)
 
 
 def may_hold_control_characters(raw: bytes, text: str, escape: str) -> bool:

@@ -129,8 +129,10 @@ class Mapper:
 
     # --- values ----------------------------------------------------------------------------------
     def _raw_value(self, located: Located, path: FieldPath) -> str:
-        return self.message.value(located.segment, path.field, path.component or 1,
-                                  path.subcomponent or 1)
+        """The value at ``path``, unescaped. A path without a subcomponent reads the whole component:
+        the components such rules read are text without subcomponents, so an unescaped ``&`` in them
+        ("CT CHEST & ABDOMEN") is kept as the sender wrote it instead of cutting the value there."""
+        return self.message.value(located.segment, path.field, path.component or 1, path.subcomponent)
 
     def _first_source(self, scope: Scope, paths: tuple[FieldPath, ...]) -> tuple[FieldPath, Located] | None:
         """The first path whose segment is in scope and whose field has a value (or is NULL)."""
@@ -224,10 +226,27 @@ class Mapper:
         self._split[key] = (segment, comps)
         return comps
 
+    def _subcomponents(self, path: FieldPath, located: Located, component: int) -> list[str]:
+        """The unescaped subcomponents of one component of the field's first repetition, split at the
+        real separator (an escaped ``\\T\\`` stays a literal ``&``): a name's FN, a PL's HD."""
+        reps = self.message.repetitions(located.segment, path.field)
+        comps = reps[0].split(self.message.delimiters.component) if reps else []
+        return self.message.subcomponents(comps[component - 1]) if len(comps) >= component else []
+
     # --- patient identity ------------------------------------------------------------------------
     def _cx_repetitions(self, located: Located, number: int) -> list[list[str]]:
-        return [self.message.components(r) for r in self.message.repetitions(located.segment, number)
-                if r and r != NULL]
+        """The components of each CX repetition; CX.4 (an HD) reduced to its namespace ID, its first
+        subcomponent cut at the real separator (an escaped ``&`` in it is kept)."""
+        d = self.message.delimiters
+        out = []
+        for r in self.message.repetitions(located.segment, number):
+            if not r or r == NULL:
+                continue
+            comps = self.message.components(r)
+            if len(comps) > 3 and (d.subcomponent in comps[3] or d.escape in r):
+                comps[3] = self.message.subcomponents(r.split(d.component)[3])[0]
+            out.append(comps)
+        return out
 
     def primary_cx(self, located: Located, number: int) -> tuple[list[str], list[list[str]]]:
         """The CX repetition that is the Patient ID, and the others (worked out once per field: the
@@ -387,8 +406,9 @@ def stable_uid(entropy: list[str], root: str = "") -> str:
 
 
 def _cx_issuer(components: list[str]) -> str:
+    """CX.4's namespace ID (:meth:`Mapper._cx_repetitions` took it out of the HD already)."""
     issuer = components[3] if len(components) > 3 else ""
-    return transforms.truncate(issuer.split("&")[0], "LO")
+    return transforms.truncate(issuer, "LO")
 
 
 def _first_code(sequence: Any) -> str:
@@ -400,12 +420,16 @@ def _first_code(sequence: Any) -> str:
 # --- transforms that need the whole field ----------------------------------------------------------
 def _xpn(mapper: Mapper, path: FieldPath, located: Located) -> str | None:
     comps = mapper._components(path, located)
-    return None if comps is None else transforms.xpn_to_pn(comps) or None
+    if comps is None:
+        return None
+    return transforms.xpn_to_pn(comps, mapper._subcomponents(path, located, 1)) or None
 
 
 def _xcn(mapper: Mapper, path: FieldPath, located: Located) -> str | None:
     comps = mapper._components(path, located)
-    return None if comps is None else transforms.xcn_to_pn(comps) or None
+    if comps is None:
+        return None
+    return transforms.xcn_to_pn(comps, mapper._subcomponents(path, located, 2)) or None
 
 
 def _code_sequence(mapper: Mapper, path: FieldPath, located: Located) -> list[JsonDataset] | None:
@@ -455,7 +479,8 @@ def _location(mapper: Mapper, path: FieldPath, located: Located) -> str | None:
     comps = mapper._components(path, located)
     if comps is None:
         return None
-    parts = [c.split("&")[0] for c in comps[:3] if c]
+    firsts = (mapper._subcomponents(path, located, n)[:1] for n in (1, 2, 3))
+    parts = [first[0] for first in firsts if first and first[0]]
     return transforms.truncate(" ".join(parts), "LO")
 
 

@@ -16,11 +16,13 @@ __all__ = [
     "TransformError",
     "clean_cs",
     "code_item",
+    "fn_to_family",
     "hl7_date_to_da",
     "hl7_ts_to_da_tm",
     "is_valid_uid",
     "map_value",
     "pick_code_triple",
+    "pn_to_xpn",
     "sex_to_dicom",
     "truncate",
     "xcn_to_pn",
@@ -127,28 +129,58 @@ def _truncate_pn_group(group: str) -> str:
     return group[:_PN_GROUP_MAX].rstrip("^")
 
 
-def xpn_to_pn(components: list[str]) -> str:
+def fn_to_family(subcomponents: list[str]) -> str:
+    """HL7 v2.5 FN ``surname&own prefix&own surname&partner prefix&partner surname`` -> one family name.
+
+    FN.1 is the whole surname as used ("VAN DEN BERG&VAN DEN&BERG"), the others its parts: FN.1 is
+    taken when it holds every word of the other subcomponents. Otherwise (FN.1 empty, or a sender that
+    cut one name into subcomponents, "VAN&DER&BERG") the non-empty subcomponents are joined with
+    spaces ("VAN DER BERG"), so that no part of the name is dropped. Each subcomponent is text already
+    (an escaped ``\\T\\`` is a literal ``&`` in it, kept).
+    """
+    parts = [" ".join(p.split()) for p in subcomponents]
+    surname, rest = parts[0] if parts else "", [p for p in parts[1:] if p]
+    words = {w.upper() for w in surname.replace("-", " ").split()}
+    if surname and all(w.upper() in words for p in rest for w in p.replace("-", " ").split()):
+        return surname
+    return " ".join(p for p in parts if p)
+
+
+def xpn_to_pn(components: list[str], family: list[str] | None = None) -> str:
     """HL7 XPN ``family^given^middle^suffix^prefix^degree`` -> DICOM PN ``family^given^middle^prefix^suffix``.
 
     HL7 and DICOM order prefix and suffix differently. DICOM has no degree component, so the degree is
-    kept in the suffix ("JR MD"). v2.5 FN family names carry subcomponents (surname&own surname prefix
-    ...): only the first one is the surname. Trailing empty components are removed (DICOM encoders
-    should not send "DOE^JANE^^^"), and the result is cut to the PN maximum of 64 characters per
-    component group without leaving a dangling "^".
+    kept in the suffix ("JR MD"). The family name is a v2.5 FN whose subcomponents become one name by
+    :func:`fn_to_family`: ``family`` gives them (split at the real separator, unescaped, so a literal
+    ``&`` survives); without it ``components[0]`` is cut at ``&``. Trailing empty components are removed
+    (DICOM encoders should not send "DOE^JANE^^^"), and the result is cut to the PN maximum of 64
+    characters per component group without leaving a dangling "^".
     """
-    family, given, middle, suffix, prefix, degree = (list(components[:6]) + [""] * 6)[:6]
+    first, given, middle, suffix, prefix, degree = (list(components[:6]) + [""] * 6)[:6]
     suffix = " ".join(p for p in (_pn_component(suffix), _pn_component(degree)) if p)
-    parts = [_pn_component(family.split("&")[0]), _pn_component(given), _pn_component(middle),
-             _pn_component(prefix), suffix]
+    surname = fn_to_family(family if family is not None else first.split("&"))
+    parts = [_pn_component(surname), _pn_component(given), _pn_component(middle), _pn_component(prefix), suffix]
     return _truncate_pn_group("^".join(parts).rstrip("^"))
 
 
-def xcn_to_pn(components: list[str]) -> str:
+def xcn_to_pn(components: list[str], family: list[str] | None = None) -> str:
     """HL7 XCN ``ID^family^given^middle^suffix^prefix^degree^...`` -> DICOM PN (the ID is dropped).
 
-    XCN components 2-7 are an XPN in the same order, so this is :func:`xpn_to_pn` on them.
+    XCN components 2-7 are an XPN in the same order, so this is :func:`xpn_to_pn` on them (``family``:
+    component 2's subcomponents).
     """
-    return xpn_to_pn(components[1:7])
+    return xpn_to_pn(components[1:7], family)
+
+
+def pn_to_xpn(name: str) -> list[str]:
+    """DICOM PN ``family^given^middle^prefix^suffix`` -> the HL7 XPN components ``family^given^middle^
+    suffix^prefix`` (text, to be escaped by the writer: a ``&`` in a name is a character, never a
+    subcomponent), trailing empty ones removed. Only the first (alphabetic) component group is used."""
+    family, given, middle, prefix, suffix = [*name.split("=")[0].split("^"), "", "", "", "", ""][:5]
+    parts = [family, given, middle, suffix, prefix]
+    while parts and not parts[-1]:
+        parts.pop()
+    return parts
 
 
 # --- coded values ----------------------------------------------------------------------------------

@@ -23,6 +23,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 
+from broker.hl7.message import escape
+from broker.mapping.transforms import pn_to_xpn
 from broker.web.auth import Caller, WriteAccess
 from broker.web.intake_bridge import Outcome, new_control_id, submit
 from broker.web.listing import ORDERS, PATIENTS, PROCEDURES, STEPS, summaries
@@ -210,10 +212,8 @@ def _refusal(outcome: Outcome) -> HTTPException:
 
 # --- the HL7 message ------------------------------------------------------------------------------------
 def _esc(text: str) -> str:
-    out = text.replace("\\", "\\E\\")
-    for char, code in (("|", "F"), ("^", "S"), ("&", "T"), ("~", "R")):
-        out = out.replace(char, f"\\{code}\\")
-    return out.replace("\r", " ").replace("\n", " ")
+    """Text as HL7 field content: a delimiter in it (``&`` in "SMITH&JONES") is a character, not structure."""
+    return escape(text)
 
 
 def _components(*parts: str) -> str:
@@ -222,8 +222,7 @@ def _components(*parts: str) -> str:
 
 def _pn_to_xpn(name: str) -> str:
     """DICOM PN family^given^middle^prefix^suffix -> HL7 XPN family^given^middle^suffix^prefix."""
-    family, given, middle, prefix, suffix = [*name.split("^"), "", "", "", "", ""][:5]
-    return _components(family, given, middle, suffix, prefix)
+    return _components(*pn_to_xpn(name))
 
 
 def _pn_to_xcn(name: str) -> str:

@@ -14,14 +14,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from pydicom import Dataset
 from sqlalchemy import Engine, select
 
+from broker.hl7.message import parse
 from broker.hl7.mllp_client import MLLPClient
+from broker.outbound.ris_hl7 import build_status_message
 from broker.store.session import make_engine
 from broker.store.tables import InboundMessage, Patient
 from tests.conftest import module_database, sample
 from tests.hl7_support import ack_of, err_fields, msa_code, with_control_id
 from tests.integration.test_cli import broker_run, env_for, free_port
+from tests.integration.test_mwl_scp import c_find
 
 pytestmark = pytest.mark.integration
 READ, WRITE = "read-token-0123456789", "write-token-0123456789"
@@ -134,3 +138,66 @@ def test_an_archived_nul_message_is_viewed_and_replayed_over_http(broker: Broker
     assert view["text"].encode("latin-1") == odd.rstrip(b"\r").replace(b"\r", b"\n")
     status, replayed = broker.http("POST", f"/api/messages/{row.id}/replay", token=WRITE)
     assert status == 200 and replayed["ack_code"] == "AR" and "MSH-10" in replayed["error"]
+
+
+# --- item 2: escaped delimiters and subcomponents in names ------------------------------------------
+def api_and_worklist_name(broker: Broker, accession: str) -> tuple[str, str]:
+    """The patient name of the procedure with ``accession`` as the REST API and a C-FIND answer it."""
+    status, page = broker.http("GET", f"/api/procedures?accession={accession}")
+    assert status == 200, page
+    [procedure] = page["items"]
+    query = Dataset()
+    query.AccessionNumber, query.PatientName, query.ScheduledProcedureStepSequence = accession, "", [Dataset()]
+    pending, found, final = c_find(broker.dicom_port, query)
+    assert final.Status == 0 and len(found) == 1, (pending, final)
+    return procedure["patient_name"], str(found[0].PatientName)
+
+
+NAMES = {
+    # PID-5 as sent: the DICOM Patient's Name stored
+    b"SMITH\\T\\JONES^ANN": "SMITH&JONES^ANN",  # \T\ is a literal &, not a subcomponent
+    b"VAN&DER&BERG^ANNA": "VAN DER BERG^ANNA",  # FN.1 lacks the other parts: all of them, joined
+    b"VAN DEN BERG&VAN DEN&BERG^ANNA": "VAN DEN BERG^ANNA",  # FN.1 holds them: FN.1
+    b"&van der&Berg^Anna": "van der Berg^Anna",  # no FN.1: prefix and own surname
+    b"O\\F\\BRIEN\\R\\\\S\\X^SEAN\\T\\PAT": "O|BRIEN~ X^SEAN&PAT",  # \S\ would split the PN: a space
+    b"\\X41\\BC^\\E\\D": "ABC^D",  # a hex escape is text; \E\ is a backslash, which PN cannot hold: a space (trimmed)
+}
+
+
+@pytest.mark.parametrize("sent", list(NAMES))
+def test_escapes_and_subcomponents_in_a_name_are_kept_as_text(broker: Broker, sent: bytes) -> None:
+    number = 200 + list(NAMES).index(sent)
+    with broker.client() as client:
+        assert msa_code(client.send(order(number, name=sent))) == "AA"
+    assert api_and_worklist_name(broker, f"ACC9{number:04d}") == (NAMES[sent], NAMES[sent])
+
+
+def test_a_name_with_an_ampersand_over_http_is_kept(broker: Broker) -> None:
+    body = {"patient_id": "P-AMP", "patient_name": "SMITH&JONES^ANN", "placer_order_number": "WEB-AMP",
+            "accession_number": "WAMP1", "modality": "MR", "scheduled_start": "2026-11-23T10:15:00",
+            "referring_physician": "O'NEIL&CO^PAT"}
+    status, created = broker.http("POST", "/api/steps", body, token=WRITE)
+    assert status == 201, created
+    assert api_and_worklist_name(broker, "WAMP1") == ("SMITH&JONES^ANN", "SMITH&JONES^ANN")
+    with broker.engine.connect() as db:
+        [raw] = [bytes(r.raw) for r in db.execute(select(InboundMessage.raw).where(
+            InboundMessage.control_id == created["control_id"]))]
+    assert b"|SMITH\\T\\JONES^ANN|" in raw and b"^O'NEIL\\T\\CO^PAT|" in raw
+    nul = {**body, "patient_name": "DOE\x00^JANE", "placer_order_number": "WEB-NUL", "accession_number": "WNUL1"}
+    status, refused = broker.http("POST", "/api/steps", nul, token=WRITE)
+    assert status == 422 and [d["loc"] for d in refused["detail"]] == [["body", "patient_name"]], refused
+
+
+def test_status_messages_to_the_ris_write_the_name_as_an_escaped_xpn() -> None:
+    payload = {"at": "20261123094500", "sender": "EPI|RIS^GEN&HOSP", "patient_id": "MRN^1",
+               "issuer_of_patient_id": "", "patient_name": "SMITH&JONES^ANN^^DR^JR", "placer_order_number": "PO-1",
+               "placer_issuer": "", "filler_order_number": "FO-1", "filler_issuer": "", "order_status": "CM",
+               "requested_procedure_id": "RP1", "description": "CT CHEST & ABDOMEN\x00", "accession_number": "ACC1",
+               "study_instance_uid": "1.2.3"}
+    text = build_status_message(payload, "ORM^O01", "0b5c5d1e-0000-4000-8000-000000000000")
+    assert "\x00" not in text
+    message = parse(text)
+    pid, obr = message.first("PID"), message.first("OBR")
+    assert [message.value(pid, 5, n) for n in (1, 2, 4, 5)] == ["SMITH&JONES", "ANN", "JR", "DR"]
+    assert message.value(pid, 3) == "MRN^1" and message.value(message.msh, 5) == "EPI|RIS"
+    assert message.value(obr, 4, 2) == "CT CHEST & ABDOMEN\x00"  # read back exactly (sent as \X00\)
