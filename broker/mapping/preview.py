@@ -17,7 +17,7 @@ from broker.domain.states import StepStatus
 from broker.hl7.ack import Header
 from broker.hl7.dispatch import ORDER_CONTROL, order_action
 from broker.hl7.errors import MessageError
-from broker.hl7.message import parse
+from broker.hl7.message import control_problems, may_hold_control_characters, parse
 from broker.mapping.charsets import message_charset
 from broker.mapping.engine import Mapper
 from broker.mapping.rules import load_mappings
@@ -31,7 +31,12 @@ def preview(raw: bytes, settings: Settings, *, as_json: bool = False) -> str:
     lines = [f"mapping: {mapping.name}"]
     try:
         charset = message_charset(header.character_set, mapping.default_character_set)
-        message = parse(raw.decode(charset.python_codec))
+        text = raw.decode(charset.python_codec)
+        message = parse(text)
+        if may_hold_control_characters(raw, text, message.delimiters.escape):  # as the intake refuses them
+            control = control_problems(message)
+            if control:
+                raise MessageError(control, reject=any(p.segment == "MSH" for p in control))
         lines.append(f"message: {'^'.join(message.message_type)} {message.control_id} "
                      f"(character set {charset.hl7_name} -> Specific Character Set {charset.dicom_term!r})")
         mapper = Mapper(message, mapping, charset, settings.uid_root)

@@ -11,6 +11,7 @@ import json
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,7 +25,7 @@ from broker.store.session import make_engine
 from broker.store.tables import InboundMessage, Patient
 from tests.conftest import module_database, sample
 from tests.hl7_support import ack_of, err_fields, msa_code, with_control_id
-from tests.integration.test_cli import broker_run, env_for, free_port
+from tests.integration.test_cli import broker_run, env_for, free_port, run_cli
 from tests.integration.test_mwl_scp import c_find
 
 pytestmark = pytest.mark.integration
@@ -201,3 +202,12 @@ def test_status_messages_to_the_ris_write_the_name_as_an_escaped_xpn() -> None:
     assert [message.value(pid, 5, n) for n in (1, 2, 4, 5)] == ["SMITH&JONES", "ANN", "JR", "DR"]
     assert message.value(pid, 3) == "MRN^1" and message.value(message.msh, 5) == "EPI|RIS"
     assert message.value(obr, 4, 2) == "CT CHEST & ABDOMEN\x00"  # read back exactly (sent as \X00\)
+
+
+def test_mapping_test_names_a_control_character_as_the_listener_would(tmp_path: Path) -> None:
+    path = tmp_path / "nul.hl7"
+    path.write_bytes(order(300).replace(b"^ERIKA^", b"^ERI\x00KA^", 1))
+    result = run_cli("mapping", "test", str(path), env=env_for(f"sqlite:///{tmp_path / 'never.db'}"))
+    assert result.returncode == 0, result.stderr
+    assert "would be refused" in result.stdout and "ERR 102 PID-5.2: control character U+0000" in result.stdout
+    assert "\x00" not in result.stdout
