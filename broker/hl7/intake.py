@@ -543,7 +543,7 @@ class Intake:
         except UnicodeDecodeError as exc:
             raise MessageError([Problem(DATA_TYPE_ERROR, f"bytes not valid in {charset.hl7_name} at offset "
                                         f"{exc.start}", "MSH", 1, 18)], reject=True) from exc
-        message = parse(text)
+        message = parse(text, charset.python_codec)
         if may_hold_control_characters(raw, text, message.delimiters.escape):
             problems = control_problems(message)
             if problems:  # in the header the message cannot even be routed: refused (AR)

@@ -68,6 +68,8 @@ class Message:
 
     segments: list[Segment]
     delimiters: Delimiters = field(default_factory=Delimiters)
+    # The message's character set (MSH-18): the bytes of a \Xhh..\ escape are characters in it.
+    codec: str = "latin_1"
 
     # --- reading ---------------------------------------------------------------------------------
     def first(self, name: str) -> Segment | None:
@@ -180,7 +182,7 @@ class Message:
             return simple[code]
         if code.startswith("X") and len(code) > 1:
             try:
-                return bytes.fromhex(code[1:]).decode("latin-1")
+                return bytes.fromhex(code[1:]).decode(self.codec, errors="replace")  # U+FFFD shows a bad byte
             except ValueError:
                 return ""
         # Highlighting (\H\ \N\), character-set switches (\C..\ \M..\) and formatting carry no text.
@@ -221,8 +223,9 @@ def _delimiters(chosen: str) -> Delimiters | None:
     return Delimiters(*chosen)
 
 
-def parse(text: str) -> Message:
-    """Split a decoded message into segments; raises :class:`MessageError` (AR) without a usable MSH."""
+def parse(text: str, codec: str = "latin_1") -> Message:
+    """Split a decoded message into segments; raises :class:`MessageError` (AR) without a usable MSH.
+    ``codec`` is the Python codec ``text`` was decoded with (for ``\\Xhh\\`` escapes)."""
     text = text.lstrip("\ufeff \t\r\n\x0b")
     if not text.startswith("MSH") or len(text) < 8:
         raise MessageError([Problem(SEGMENT_SEQUENCE_ERROR, "message does not start with an MSH segment",
@@ -244,7 +247,7 @@ def parse(text: str) -> Message:
             raise MessageError([Problem(SEGMENT_SEQUENCE_ERROR, f"invalid segment name {parts[0][:3]!r}",
                                         parts[0][:3], len(segments) + 1)], reject=True)
         segments.append(Segment(parts[0], parts))
-    return Message(segments, delimiters)
+    return Message(segments, delimiters, codec)
 
 
 def escape(text: str, d: Delimiters = _STANDARD) -> str:

@@ -32,7 +32,7 @@ def preview(raw: bytes, settings: Settings, *, as_json: bool = False) -> str:
     try:
         charset = message_charset(header.character_set, mapping.default_character_set)
         text = raw.decode(charset.python_codec)
-        message = parse(text)
+        message = parse(text, charset.python_codec)
         if may_hold_control_characters(raw, text, message.delimiters.escape):  # as the intake refuses them
             control = control_problems(message)
             if control:

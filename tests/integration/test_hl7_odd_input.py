@@ -211,3 +211,15 @@ def test_mapping_test_names_a_control_character_as_the_listener_would(tmp_path: 
     assert result.returncode == 0, result.stderr
     assert "would be refused" in result.stdout and "ERR 102 PID-5.2: control character U+0000" in result.stdout
     assert "\x00" not in result.stdout
+
+
+@pytest.mark.parametrize(("charset", "sent", "stored"), [
+    (b"UNICODE UTF-8", b"M\\XC39C\\LLER^\\XC389\\LISE", "MÜLLER^ÉLISE"),
+    (b"8859/1", b"M\\XDC\\LLER^\\XC9\\LISE", "MÜLLER^ÉLISE"),
+])
+def test_hex_escapes_are_characters_of_the_message_character_set(broker: Broker, charset: bytes, sent: bytes,
+                                                                 stored: str) -> None:
+    number = 250 + len(charset)
+    with broker.client() as client:
+        assert msa_code(client.send(order(number, name=sent).replace(b"|8859/1", b"|" + charset, 1))) == "AA"
+    assert api_and_worklist_name(broker, f"ACC9{number:04d}") == (stored, stored)
