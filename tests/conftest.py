@@ -16,12 +16,12 @@ from broker.store import migrate
 from broker.store.session import make_engine, make_session_factory
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLES = ROOT.parent / "shared" / "samples" / "hl7"
+SAMPLES = ROOT / "samples" / "hl7"
 POSTGRES_ADMIN_URL = os.environ.get("BROKER_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
 def sample(name: str) -> bytes:
-    """A shared sample message, as bytes on the wire."""
+    """A sample message from ``samples/hl7/``, as bytes on the wire."""
     return (SAMPLES / name).read_bytes()
 
 
