@@ -289,7 +289,7 @@ def paced(count: int, rate: float) -> Iterator[int]:
 def run(args: argparse.Namespace, database_url: str, workdir: Path) -> dict[str, Any]:
     from pydicom.uid import generate_uid
 
-    from broker.ups.identity import derived_ups_uid
+    from broker.domain.ups_identity import derived_ups_uid
 
     receipts = Receipts()
     receivers = [Receiver(f"SUB{i:03d}", receipts) for i in range(args.subscribers)]

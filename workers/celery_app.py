@@ -3,7 +3,7 @@
 Delivery settings are chosen for "no event lost": tasks are acknowledged late (after they ran), a
 task whose worker died is redelivered, and a worker takes one task at a time. The tasks,
 ``workers.tasks.run_events`` (what the relay publishes: a few event ids) and ``workers.tasks.run_event``
-(one), are idempotent by event id (broker.events.runner), so a redelivery is harmless.
+(one), are idempotent by event id (broker.outbox.runner), so a redelivery is harmless.
 """
 
 from __future__ import annotations

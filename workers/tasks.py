@@ -1,4 +1,4 @@
-"""Celery tasks: thin, they load the event and call the runner (broker.events.runner).
+"""Celery tasks: thin, they load the event and call the runner (broker.outbox.runner).
 
 Each worker process builds its runner on first use (after the prefork fork), with its own engine and
 its own persistent MLLP connection to the RIS.
@@ -10,7 +10,7 @@ import threading
 
 from celery import Celery
 
-from broker.events.runner import EventRunner
+from broker.outbox.runner import EventRunner
 
 _lock = threading.Lock()
 _runner: EventRunner | None = None

@@ -27,8 +27,8 @@ from typing import Any
 import structlog
 from sqlalchemy import Engine, and_, or_, select, update
 
-from broker.events.outbox import OUTBOX
-from broker.events.runner import EventRunner, key_heads
+from broker.outbox.outbox import OUTBOX
+from broker.outbox.runner import EventRunner, key_heads
 
 log = structlog.get_logger(__name__)
 

@@ -15,7 +15,7 @@ from sqlalchemy import Engine
 from broker.config import Settings
 from broker.events.handlers import build_batch_handlers, build_handlers
 from broker.events.relay import InProcessWorker, Relay, celery_publisher
-from broker.events.runner import EventRunner, RetryPolicy
+from broker.outbox.runner import EventRunner, RetryPolicy
 from broker.stgcmt.service import CommitmentService
 from broker.workflow.build import Workflow, build_workflow
 from broker.workflow.context import WorkflowConfig

@@ -20,8 +20,8 @@ from pydicom import Dataset
 from sqlalchemy import Connection, Engine, insert, select
 
 from broker.dicom_json import JsonDataset
-from broker.domain.services import Cause
-from broker.procedure.states import ProcedureState
+from broker.domain.procedure_states import ProcedureState
+from broker.domain.records import Cause
 from broker.stgcmt.service import CommitmentService
 from broker.store.tables import IanNotification, MppsInstance, RequestedProcedure, table_of
 from broker.workflow.attributes import has_value, items, tag, text, to_json

@@ -18,10 +18,11 @@ from sqlalchemy import Connection, Engine, Row, bindparam, insert, select, updat
 
 from broker.dicom_json import JsonDataset, sequence_items, value
 from broker.dicom_json import has_value as json_has_value
-from broker.domain.services import Cause, WorklistService
+from broker.domain.procedure_states import ProcedureState
+from broker.domain.records import Cause
+from broker.domain.services import WorklistService
 from broker.domain.states import FINAL, NOT_STARTED, StepStatus
-from broker.events import outbox
-from broker.procedure.states import ProcedureState
+from broker.outbox import outbox
 from broker.stgcmt.service import CommitmentService
 from broker.store.tables import MppsInstance, RequestedProcedure, ScheduledStep, table_of
 from broker.workflow.attributes import has_value, items, missing, tag, text, to_json

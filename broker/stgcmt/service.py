@@ -16,9 +16,9 @@ import structlog
 from pydicom.uid import generate_uid
 from sqlalchemy import Connection, insert, select, update
 
-from broker.domain.services import Cause
-from broker.events import outbox
-from broker.procedure.states import ProcedureState
+from broker.domain.procedure_states import ProcedureState
+from broker.domain.records import Cause
+from broker.outbox import outbox
 from broker.store.tables import CommitmentItem, CommitmentRequest, table_of
 from broker.workflow.context import TransactionalService
 from broker.workflow.instances import procedure_instances

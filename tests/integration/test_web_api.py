@@ -18,12 +18,12 @@ from sqlalchemy import Engine, select, update
 
 from broker.config import load_settings
 from broker.dicom_json import value
-from broker.domain.services import Cause
-from broker.events import outbox
+from broker.domain.procedure_states import ProcedureState
+from broker.domain.procedure_tracker import ProcedureTracker
+from broker.domain.records import Cause
 from broker.hl7.intake import Intake
 from broker.mapping.rules import MappingSet
-from broker.procedure.states import ProcedureState
-from broker.procedure.tracker import ProcedureTracker
+from broker.outbox import outbox
 from broker.store.tables import InboundMessage, OutboxEvent, ScheduledStep, table_of
 from broker.web.app import create_app
 from tests.conftest import ROOT, sample
