@@ -23,6 +23,10 @@ class SettingsError(Exception):
     """A setting is missing or invalid; the message is one line meant for the operator."""
 
 
+class StartupError(Exception):
+    """The broker cannot start; the message is one line for the operator."""
+
+
 @dataclass(frozen=True)
 class Peer:
     """A DICOM node the broker may connect to (``BROKER_DICOM_PEERS``)."""

@@ -80,8 +80,8 @@ def sessions(engine: Engine) -> sessionmaker[Session]:
 @pytest.fixture
 def listener(engine: Engine, mappings: MappingSet) -> Iterator[int]:
     """The real HL7 listener (MLLP over TCP on 127.0.0.1) on a free port, backed by ``sessions``."""
-    from broker.hl7.intake import Intake
     from broker.hl7.mllp import MLLPServer, run_in_thread
+    from broker.intake.service import Intake
 
     server = MLLPServer(Intake(engine, mappings), host="127.0.0.1", port=0, workers=4, idle_timeout=30)
     thread = run_in_thread(server)

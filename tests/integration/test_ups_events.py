@@ -29,7 +29,7 @@ from sqlalchemy import Engine
 
 from broker.domain.ups_identity import derived_ups_uid
 from broker.events.wiring import EventPath
-from broker.hl7.intake import Intake
+from broker.intake.service import Intake
 from broker.mapping.rules import MappingSet
 from tests.conftest import sample
 from tests.dicom_support import dicom_server, free_port, wait_until
