@@ -1,4 +1,4 @@
-"""UPS event benchmark (issue 5 §5): 100 subscribers, 1,000 UPS state changes, deliveries/s and the p99
+"""UPS event benchmark: 100 subscribers, 1,000 UPS state changes, deliveries/s and the p99
 latency from a change to its N-EVENT-REPORT at the subscriber.
 
 Run it by hand from the repository root (it is not a test and is never collected by pytest)::

@@ -16,7 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from broker.dicom.association import Request
 from broker.dicom.statuses import failure_dataset
 from broker.dicom_json import JsonDataset
-from broker.metrics import CFIND_SECONDS  # Prometheus (issue 6); imports no web stack
+from broker.metrics import CFIND_SECONDS  # Prometheus; imports no web stack
 from broker.mwl.finder import WorklistFinder
 from broker.mwl.identifier import IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, IdentifierError
 

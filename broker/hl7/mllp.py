@@ -47,7 +47,7 @@ from typing import Any
 
 import structlog
 
-from broker.metrics import count_hl7_message  # Prometheus (issue 6); imports no web stack
+from broker.metrics import count_hl7_message  # Prometheus; imports no web stack
 
 log = structlog.get_logger(__name__)
 

@@ -1,4 +1,4 @@
-"""The HTTP side of the broker (issue 6): REST API described by OpenAPI, health and metrics, and the
+"""The HTTP side of the broker: REST API described by OpenAPI, health and metrics, and the
 department status board. ``create_app`` in :mod:`broker.web.app` builds the FastAPI application;
 :mod:`broker.web.server` runs it on uvicorn inside ``broker run`` or alone (``broker web``).
 

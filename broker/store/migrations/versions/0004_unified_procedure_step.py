@@ -1,6 +1,6 @@
 """unified procedure step
 
-Issue 5: every scheduled step is also a UPS workitem (PS3.4 CC). ``scheduled_steps.ups_instance_uid``
+Every scheduled step is also a UPS workitem (PS3.4 CC). ``scheduled_steps.ups_instance_uid``
 names it; the steps stored before this revision get the UID the intake now derives for new ones
 (a name-based UUID of Study Instance UID + SPS ID, see broker.domain.ups_identity: the formula is repeated
 here so this revision keeps doing what it did). ``ups_workitems`` holds the UPS-only state of a step
