@@ -23,9 +23,9 @@ from broker.domain.records import Cause
 from broker.domain.services import WorklistService
 from broker.domain.states import FINAL, NOT_STARTED, StepStatus
 from broker.outbox import outbox
-from broker.stgcmt.service import CommitmentService
 from broker.store.tables import MppsInstance, RequestedProcedure, ScheduledStep, table_of
 from broker.workflow.attributes import has_value, items, missing, tag, text, to_json
+from broker.workflow.commitment import CommitmentRequests, Requester
 from broker.workflow.context import TransactionalService, WorkflowConfig
 from broker.workflow.instances import InstanceRef, record_instances
 from broker.workflow.outcome import (
@@ -87,9 +87,9 @@ class MppsService(TransactionalService):
 
     def __init__(self, engine: Engine, config: WorkflowConfig | None = None,
                  wake: Callable[[], None] | None = None, clock: Callable[[], datetime] = datetime.now,
-                 *, commitment: CommitmentService | None = None) -> None:
+                 *, commitment: CommitmentRequests | None = None) -> None:
         super().__init__(engine, config, wake, clock)
-        self.commitment = commitment or CommitmentService(engine, self.config, wake, clock)
+        self.commitment = commitment or Requester(self.config, clock)
 
     # --- N-CREATE ----------------------------------------------------------------------------------
     def create(self, sop_instance_uid: str, dataset: Dataset, calling_ae: str) -> Outcome:
