@@ -25,6 +25,7 @@ test: install services lint
 lint: install
 	$(VENV)/bin/ruff check broker workers tests bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 unit: install
 	$(PY) -m pytest -q tests/unit
@@ -36,4 +37,4 @@ bench: install services
 	$(PY) bench/hl7_throughput.py
 
 clean:
-	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache .import_linter_cache

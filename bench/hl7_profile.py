@@ -8,7 +8,7 @@ Run it by hand from the repository root (it is not a test and is never collected
 
 ``bench/hl7_throughput.py`` measures the whole broker over TCP, on a machine whose CPU speed varies
 by a factor of two between minutes; one wall-clock run there says little about a change of a tenth
-of a millisecond. This script calls the intake that ``broker run`` builds (:func:`broker.runtime.build_intake`,
+of a millisecond. This script calls the intake that ``broker run`` builds (:func:`broker.intake.build.build_intake`,
 the same engines, mappings and group-commit setting) directly, one message after the other as one
 MLLP connection would, and reports what does not depend on the machine's mood: user and system CPU
 per message and the statements sent to the database per message (counted with SQLAlchemy's
@@ -68,7 +68,7 @@ def run(backend: str, messages: int, warmup: int, count: int, pg_url: str, seed:
         os.chdir(ROOT)  # config/broker.yaml and mappings/, as 'broker run' from the repository root
         from broker import logs
         from broker.config import load_settings
-        from broker.runtime import build_intake
+        from broker.intake.build import build_intake
 
         settings = load_settings()
         logs.configure(settings.log_format, settings.log_level, settings.log_patient_data)

@@ -13,7 +13,7 @@ For each backend (``sqlite``: a file in a temporary directory; ``postgresql``: a
 2. starts ``broker run`` as a subprocess on a free port (cwd = repository root, so it reads
    ``config/broker.yaml`` and ``mappings/``) and samples its resident memory (VmRSS) while it works;
 3. throughput runs: for each connection count C, sends ``--messages`` new-order messages (ORM^O01 NW,
-   derived from ``/work/shared/samples/hl7/orm_o01_new.hl7`` with unique ids, spread over ~2,000
+   derived from ``samples/hl7/orm_o01_new.hl7`` with unique ids, spread over ~2,000
    patients) split evenly over C persistent MLLP connections, each sending back to back and waiting for
    each ACK. Reports wall time, messages/s and the send -> ACK latency percentiles;
 4. a fixed-rate run: one connection offered ``--rate`` messages/s for ``--rate-seconds`` on a fixed
@@ -56,7 +56,7 @@ from types import FrameType
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = Path("/work/shared/samples/hl7/orm_o01_new.hl7")
+SAMPLE = ROOT / "samples" / "hl7" / "orm_o01_new.hl7"
 DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 BACKENDS = ("sqlite", "postgresql")
 

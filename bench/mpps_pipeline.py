@@ -1,4 +1,4 @@
-"""MPPS pipeline benchmark: MPPS N-CREATE + N-SET COMPLETED pairs into procedure state and HL7 status (issue 4 §6).
+"""MPPS pipeline benchmark: MPPS N-CREATE + N-SET COMPLETED pairs into procedure state and HL7 status.
 
 Run it by hand from the repository root (it is not a test and is never collected by pytest)::
 
@@ -24,7 +24,7 @@ request to the last response), p50/p99 N-CREATE and N-SET response latency; p50/
 sent to the procedure's COMPLETED transition (``procedure_transitions.at``; the broker stamps it inside
 the transaction that commits it before the N-SET response, so the N-SET latency bounds the commit);
 p50/p99 from N-SET COMPLETED sent to the HL7 ORC-5 CM status ACKed by the test RIS; peak RSS of the
-broker and of the worker (process trees). Same machine, so wall clocks compare. Targets (issue 4):
+broker and of the worker (process trees). Same machine, so wall clocks compare. Targets:
 >= 200 MPPS operations/s accepted; p99 event -> state < 500 ms. Missing a target does not change the
 exit status; a failed operation, an undelivered status or an error does (1).
 """

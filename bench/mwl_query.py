@@ -1,4 +1,4 @@
-"""MWL C-FIND benchmark (issue 3): the broker's worklist SCP against DCMTK wlmscpfs and Orthanc.
+"""MWL C-FIND benchmark: the broker's worklist SCP against DCMTK wlmscpfs and Orthanc.
 
 Run it by hand from the repository root (it is not a test and is never collected by pytest)::
 
@@ -617,7 +617,7 @@ def consistency(report: dict[str, Any]) -> list[str]:
 
 
 def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's targets, each PASS / FAIL / n/a with the figures it rests on."""
+    """The worklist's performance targets, each PASS / FAIL / n/a with the figures it rests on."""
     sizes = [e["size"] for e in report["sizes"]]
     big, small = (1_000_000, 10_000)
     out: list[dict[str, Any]] = []
@@ -773,7 +773,7 @@ def print_report(report: dict[str, Any]) -> None:
                 _p(row)
         _p("(x vs peer: peer p50 / broker p50, for broker-sqlite/broker-postgresql)")
 
-    _p("\nTargets of issue 3")
+    _p("\nTargets")
     for t in report["targets"]:
         value = t["value"]
         shown = ", ".join(f"{k} {_fmt(v)}" for k, v in value.items()) if isinstance(value, dict) else _fmt(value)

@@ -1,4 +1,4 @@
-"""UPS event benchmark (issue 5 §5): 100 subscribers, 1,000 UPS state changes, deliveries/s and the p99
+"""UPS event benchmark: 100 subscribers, 1,000 UPS state changes, deliveries/s and the p99
 latency from a change to its N-EVENT-REPORT at the subscriber.
 
 Run it by hand from the repository root (it is not a test and is never collected by pytest)::
@@ -289,7 +289,7 @@ def paced(count: int, rate: float) -> Iterator[int]:
 def run(args: argparse.Namespace, database_url: str, workdir: Path) -> dict[str, Any]:
     from pydicom.uid import generate_uid
 
-    from broker.ups.identity import derived_ups_uid
+    from broker.domain.ups_identity import derived_ups_uid
 
     receipts = Receipts()
     receivers = [Receiver(f"SUB{i:03d}", receipts) for i in range(args.subscribers)]

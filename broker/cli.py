@@ -45,9 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``broker`` console script; returns the exit status."""
     args = _parser().parse_args(argv)
     from broker import logs
-    from broker.config import SettingsError, load_settings
+    from broker.config import SettingsError, StartupError, load_settings
     from broker.mapping.rules import MappingError
-    from broker.runtime import StartupError
 
     try:
         settings = load_settings()
@@ -73,11 +72,11 @@ def main(argv: list[str] | None = None) -> int:
             migrate.upgrade(make_engine(settings.database_url))
             print("database is at the newest schema")
         elif args.command == "mapping":
-            from broker.mapping.preview import preview
+            from broker.intake.preview import preview
 
             print(preview(args.file.read_bytes(), settings, as_json=args.json))
         elif args.command == "events":
-            from broker.cli_reports import failed_events, retry_event
+            from broker.reports import failed_events, retry_event
             from broker.store.session import make_engine
 
             engine = make_engine(settings.database_url, pool_size=1)
@@ -89,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"event {args.id} is pending again")
         elif args.command == "procedure":
-            from broker.cli_reports import procedure_report
+            from broker.reports import procedure_report
             from broker.store.session import make_engine
 
             report = procedure_report(make_engine(settings.database_url, pool_size=1), args.accession, args.json)

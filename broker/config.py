@@ -23,6 +23,10 @@ class SettingsError(Exception):
     """A setting is missing or invalid; the message is one line meant for the operator."""
 
 
+class StartupError(Exception):
+    """The broker cannot start; the message is one line for the operator."""
+
+
 @dataclass(frozen=True)
 class Peer:
     """A DICOM node the broker may connect to (``BROKER_DICOM_PEERS``)."""
@@ -73,7 +77,7 @@ class Settings(BaseSettings):
     mwl_page_size: int = Field(500, ge=1, le=100_000)
     uid_root: str = ""
 
-    # --- procedure status pipeline (issue 4) ---
+    # --- procedure status pipeline: MPPS, IAN, Storage Commitment, RIS status ---
     dicom_peers: str = ""
     stgcmt_archive_ae: str = ""
     stgcmt_timeout: float = Field(3600, gt=0)
@@ -91,7 +95,7 @@ class Settings(BaseSettings):
     event_poll_interval: float = Field(0.5, gt=0)
     outbox_vacuum_interval: float = Field(10, ge=0)  # PostgreSQL; 0 = autovacuum only
 
-    # --- status board and REST API (issue 6) ---
+    # --- status board and REST API ---
     http_host: str = "0.0.0.0"
     http_port: int = Field(8080, ge=0, le=65535)  # 0 = no HTTP server in 'broker run'
     api_tokens: str = ""

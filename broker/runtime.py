@@ -12,35 +12,18 @@ import signal
 
 import structlog
 
-from broker.config import Settings
+from broker.config import Settings, StartupError
 from broker.dicom import processes
 from broker.dicom.server import AssociationCount, DicomServer
 from broker.events.wiring import EventPath
-from broker.hl7.intake import Intake
-from broker.hl7.intake_processes import IntakeProcesses
 from broker.hl7.mllp import MLLPServer
-from broker.mapping.rules import load_mappings
-from broker.store import migrate
+from broker.intake.build import build_intake
+from broker.intake.processes import IntakeProcesses
+from broker.intake.service import Intake
 from broker.store.session import make_engine
+from broker.web.server import start_with_broker
 
 log = structlog.get_logger(__name__)
-
-
-class StartupError(Exception):
-    """The broker cannot start; the message is one line for the operator."""
-
-
-def build_intake(settings: Settings, pool_size: int | None = None) -> Intake:
-    """The HL7 intake wired to the configured database and mappings."""
-    engine = make_engine(settings.database_url, pool_size=pool_size or settings.hl7_workers,
-                         plan_each_execution=True)
-    if not migrate.is_current(engine):
-        raise StartupError("the database schema is not current: run 'broker db upgrade' first")
-    mappings = load_mappings(settings.mappings_dir)
-    archive = make_engine(settings.database_url, pool_size=pool_size or settings.hl7_workers,
-                          flush_with_next_commit=True)
-    group_commit = {"on": True, "off": False}.get(settings.hl7_group_commit)  # auto: None, per database
-    return Intake(engine, mappings, settings.uid_root, archive_engine=archive, group_commit=group_commit)
 
 
 async def serve(settings: Settings) -> None:
@@ -87,8 +70,6 @@ async def serve(settings: Settings) -> None:
             await asyncio.to_thread(intake_processes.stop)
         raise StartupError(f"cannot listen on DICOM port {settings.dicom_port}: {exc.strerror}") from exc
     acceptors = processes.start_acceptors(settings, count, settings.dicom_processes - 1) if several else []
-    from broker.web.server import start_with_broker  # the status board and REST API (issue 6)
-
     web = await start_with_broker(settings)
     log.info("broker.started", hl7_port=server.port, dicom_port=dicom.port, hl7_processes=settings.hl7_processes,
              dicom_processes=settings.dicom_processes,

@@ -17,18 +17,19 @@ from broker.store import migrate
 from broker.store.session import make_engine, make_session_factory
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLES = ROOT.parent / "shared" / "samples" / "hl7"
+SAMPLES = ROOT / "samples" / "hl7"
 POSTGRES_ADMIN_URL = os.environ.get("BROKER_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # pynetdicom's reactor can take and drop the response a send_* call waits for (issue 17 item 13):
-    # the tests' pynetdicom clients keep their responses, as the broker's own requestors do.
+    # pynetdicom's reactor can take and drop the response a send_* call waits for
+    # (broker.outbound.requestor_responses): the tests' pynetdicom clients keep their responses,
+    # as the broker's own requestors do.
     keep_responses_for_the_caller()
 
 
 def sample(name: str) -> bytes:
-    """A shared sample message, as bytes on the wire."""
+    """A sample message from ``samples/hl7/``, as bytes on the wire."""
     return (SAMPLES / name).read_bytes()
 
 
@@ -87,8 +88,8 @@ def sessions(engine: Engine) -> sessionmaker[Session]:
 @pytest.fixture
 def listener(engine: Engine, mappings: MappingSet) -> Iterator[int]:
     """The real HL7 listener (MLLP over TCP on 127.0.0.1) on a free port, backed by ``sessions``."""
-    from broker.hl7.intake import Intake
     from broker.hl7.mllp import MLLPServer, run_in_thread
+    from broker.intake.service import Intake
 
     server = MLLPServer(Intake(engine, mappings), host="127.0.0.1", port=0, workers=4, idle_timeout=30)
     thread = run_in_thread(server)

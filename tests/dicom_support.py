@@ -21,8 +21,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from broker.config import Settings
 from broker.dicom.server import DicomServer
+from broker.dicom.workflow import Workflow
 from broker.store.session import make_engine
-from broker.workflow.build import Workflow
 
 STGCMT_INSTANCE = "1.2.840.10008.1.20.1.1"
 

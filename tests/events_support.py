@@ -12,9 +12,9 @@ from pydicom import Dataset
 from pydicom.uid import generate_uid
 from sqlalchemy import Engine, select
 
-from broker.hl7.intake import Intake
 from broker.hl7.message import parse
 from broker.hl7.mllp import FrameDecoder, encode_frame
+from broker.intake.service import Intake
 from broker.mapping.rules import MappingSet
 from broker.store.tables import (
     CommitmentItem,

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from broker.hl7.intake import Intake
 from broker.hl7.mllp_client import MLLPClient
+from broker.intake.service import Intake
 
 UID_PREFIX = "1.2.826.0.1.3680043.10.543.77."
 CODECS = {"UNICODE UTF-8": "utf-8", "8859/1": "latin-1"}

@@ -1,4 +1,4 @@
-"""Celery tasks: thin, they load the event and call the runner (broker.events.runner).
+"""Celery tasks: thin, they load the event and call the runner (broker.outbox.runner).
 
 Each worker process builds its runner on first use (after the prefork fork), with its own engine and
 its own persistent MLLP connection to the RIS.
@@ -10,7 +10,11 @@ import threading
 
 from celery import Celery
 
-from broker.events.runner import EventRunner
+from broker.config import load_settings
+from broker.events.queue import RUN_EVENT, RUN_EVENTS
+from broker.events.wiring import build_runner
+from broker.outbox.runner import EventRunner
+from broker.store.session import make_engine
 
 _lock = threading.Lock()
 _runner: EventRunner | None = None
@@ -21,10 +25,6 @@ def runner() -> EventRunner:
     global _runner
     with _lock:
         if _runner is None:
-            from broker.config import load_settings
-            from broker.events.wiring import build_runner
-            from broker.store.session import make_engine
-
             settings = load_settings()
             _runner = build_runner(settings, make_engine(settings.database_url, pool_size=2))
         return _runner
@@ -43,7 +43,5 @@ def run_events(event_ids: list[str]) -> list[str]:
 
 def register(app: Celery) -> None:
     """Register the tasks on ``app`` under their fixed names."""
-    from workers.celery_app import RUN_EVENT, RUN_EVENTS
-
     app.task(name=RUN_EVENT, ignore_result=True)(run_event)
     app.task(name=RUN_EVENTS, ignore_result=True)(run_events)

@@ -16,9 +16,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from broker.dicom.association import Request
 from broker.dicom.statuses import failure_dataset
 from broker.dicom_json import JsonDataset
+from broker.metrics import CFIND_SECONDS  # Prometheus; imports no web stack
 from broker.mwl.finder import WorklistFinder
 from broker.mwl.identifier import IdentifierError
-from broker.web.metrics import CFIND_SECONDS  # Prometheus (issue 6); imports no web stack
 
 log = structlog.get_logger(__name__)
 

@@ -60,8 +60,8 @@ def _acceptor_main(settings_data: dict[str, Any], count: Any) -> None:
     """An extra acceptor process: the DICOM services only, until SIGTERM."""
     from broker import logs
     from broker.dicom.server import AssociationCount, DicomServer
+    from broker.dicom.workflow import build_workflow
     from broker.store.session import make_engine
-    from broker.workflow.build import build_workflow
 
     settings = Settings.model_validate(settings_data)
     logs.configure(settings.log_format, settings.log_level, settings.log_patient_data)

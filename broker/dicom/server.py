@@ -46,10 +46,10 @@ from broker.dicom.association import (
 )
 from broker.dicom.mwl_scp import handle_find
 from broker.dicom.transport import tune_accepted
+from broker.dicom.workflow import Workflow
+from broker.domain.ups_view import UPS_EVENT, UPS_PULL, UPS_PUSH, UPS_QUERY, UPS_WATCH
 from broker.mwl.finder import WorklistFinder
 from broker.mwl.matching import WorklistOptions
-from broker.ups.view import UPS_EVENT, UPS_PULL, UPS_PUSH, UPS_QUERY, UPS_WATCH
-from broker.workflow.build import Workflow
 
 log = structlog.get_logger(__name__)
 

@@ -15,7 +15,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from broker.dicom.association import Request, Response
 from broker.dicom.statuses import answer_n_create, answer_with_data_set, failure_dataset, status_dataset
-from broker.ups.matching import UnsupportedKey
+from broker.domain.ups_matching import UnsupportedKey
 from broker.ups.service import UpsService
 
 log = structlog.get_logger(__name__)

@@ -65,3 +65,15 @@ class OrderRecord:
     order_control: str  # ORC-1
     order_status: str  # ORC-5
     procedures: list[ProcedureRecord] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Cause:
+    """Why a change happened: shown in a procedure's timeline."""
+
+    text: str
+    inbound_message_id: int | None = None
+    # Where the cause came from (hl7, mpps, ian, stgcmt) and which event: HL7 control ID, MPPS or IAN
+    # SOP Instance UID, commitment Transaction UID. Procedure transitions store both.
+    event_kind: str = "hl7"
+    event_ref: str = ""

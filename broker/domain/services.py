@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 from sqlalchemy import (
@@ -35,16 +35,13 @@ from sqlalchemy import (
 )
 
 from broker.dicom_json import JsonDataset, element, tag_of, value
-from broker.domain import worklist_item
-from broker.domain.records import OrderRecord, PatientKey, PatientRecord, ProcedureRecord
+from broker.domain import ups_notify, worklist_item
+from broker.domain.procedure_tracker import ProcedureTracker
+from broker.domain.records import Cause, OrderRecord, PatientKey, PatientRecord, ProcedureRecord
 from broker.domain.states import FINAL, NOT_STARTED, OPEN, StepStatus
+from broker.domain.ups_identity import derived_ups_uid
 from broker.store.prepared import Prepared
 from broker.store.tables import Order, Patient, RequestedProcedure, ScheduledStep, StepTransition, table_of
-from broker.ups import notify as ups_notify
-from broker.ups.identity import derived_ups_uid
-
-if TYPE_CHECKING:
-    from broker.procedure.tracker import ProcedureTracker
 
 log = structlog.get_logger(__name__)
 
@@ -192,18 +189,6 @@ class DomainError(Exception):
         self.subject = subject  # which part of the command: "order", "step", "patient", "prior_patient"
 
 
-@dataclass(frozen=True)
-class Cause:
-    """Why a change happened: shown in a procedure's timeline."""
-
-    text: str
-    inbound_message_id: int | None = None
-    # Where the cause came from (hl7, mpps, ian, stgcmt) and which event: HL7 control ID, MPPS or IAN
-    # SOP Instance UID, commitment Transaction UID. Procedure transitions store both.
-    event_kind: str = "hl7"
-    event_ref: str = ""
-
-
 @dataclass
 class StoredPatient:
     """The patient a command works on: primary key, identity and current attributes."""
@@ -220,14 +205,12 @@ class WorklistService:
                  procedures: ProcedureTracker | None = None, *, announce_new_steps: bool = True) -> None:
         self.db = connection
         self.clock = clock
-        # A new step is a new UPS workitem, announced to global subscribers (broker.ups.notify.step_scheduled);
+        # A new step is a new UPS workitem, announced to global subscribers (broker.domain.ups_notify.step_scheduled);
         # False for UPS N-CREATE, which gives the step its own UID and announces it itself.
         self.announce_new_steps = announce_new_steps
         if procedures is None:
-            from broker.procedure.tracker import ProcedureTracker  # imports this module
-
             procedures = ProcedureTracker(clock=clock)
-        # Every step status change also moves the step's procedure (broker.procedure.states).
+        # Every step status change also moves the step's procedure (broker.domain.procedure_states).
         self.procedures = procedures
         # one round trip instead of one per row (each costs ~0.4 ms of wall time on PostgreSQL)
         self._one_statement_orders = connection.dialect.name == "postgresql"

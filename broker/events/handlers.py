@@ -10,11 +10,11 @@ from collections.abc import Callable
 from sqlalchemy import Engine, select
 
 from broker.config import Settings
-from broker.events import outbox
-from broker.events.runner import BatchHandler, Event, Handler
 from broker.outbound import dicom_peers
 from broker.outbound.ris_hl7 import RisStatusSender
 from broker.outbound.ups_events import build_ups_event_handler
+from broker.outbox import outbox
+from broker.outbox.runner import BatchHandler, Event, Handler
 from broker.stgcmt.service import CommitmentService
 from broker.store.tables import CommitmentItem, CommitmentRequest, table_of
 from broker.workflow.context import WorkflowConfig

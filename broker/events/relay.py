@@ -27,8 +27,9 @@ from typing import Any
 import structlog
 from sqlalchemy import Engine, and_, or_, select, update
 
-from broker.events.outbox import OUTBOX
-from broker.events.runner import EventRunner, key_heads
+from broker.events.queue import RUN_EVENTS, celery_for
+from broker.outbox.outbox import OUTBOX
+from broker.outbox.runner import EventRunner, key_heads
 
 log = structlog.get_logger(__name__)
 
@@ -185,9 +186,7 @@ class InProcessWorker:
 
 def celery_publisher(redis_url: str) -> Publish:
     """Publishing to Celery on Redis: ``workers.tasks.run_events(event_ids)``, failing fast when Redis is down."""
-    from workers.celery_app import RUN_EVENTS, make_celery_for
-
-    app = make_celery_for(redis_url)
+    app = celery_for(redis_url)
 
     def publish(event_ids: list[str]) -> None:
         app.send_task(RUN_EVENTS, args=[event_ids], retry=False)

@@ -13,11 +13,11 @@ import structlog
 from sqlalchemy import Engine
 
 from broker.config import Settings
+from broker.dicom.workflow import Workflow, build_workflow
 from broker.events.handlers import build_batch_handlers, build_handlers
 from broker.events.relay import InProcessWorker, Relay, celery_publisher
-from broker.events.runner import EventRunner, RetryPolicy
+from broker.outbox.runner import EventRunner, RetryPolicy
 from broker.stgcmt.service import CommitmentService
-from broker.workflow.build import Workflow, build_workflow
 from broker.workflow.context import WorkflowConfig
 
 log = structlog.get_logger(__name__)

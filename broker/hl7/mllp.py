@@ -22,7 +22,7 @@ Design choices, and why:
   a peer sends can stop the listener or its accept thread; unexpected errors are logged and close just
   that connection.
 * Logs carry peers, sizes and event names, never message contents (they hold patient data).
-* With ``hl7_processes`` (:mod:`broker.hl7.intake_processes`) one process is not enough for the CPU
+* With ``hl7_processes`` (:mod:`broker.intake.processes`) one process is not enough for the CPU
   the intake needs, so the same server works in two halves: in the listening process it hands every
   accepted socket to a callable (``hand_off``) that passes it to an intake process, and only counts it
   until it is released; in an intake process a server that does not listen serves those sockets
@@ -47,7 +47,7 @@ from typing import Any
 
 import structlog
 
-from broker.web.metrics import count_hl7_message  # Prometheus (issue 6); imports no web stack
+from broker.metrics import count_hl7_message  # Prometheus; imports no web stack
 
 log = structlog.get_logger(__name__)
 
@@ -327,7 +327,7 @@ class MLLPServer:
     The coroutine methods are for an asyncio caller (:mod:`broker.runtime`); the blocking work runs in
     a helper thread so that the caller's loop never waits on a socket or a handler call.
 
-    Two more ways to use it, for intake processes (:mod:`broker.hl7.intake_processes`):
+    Two more ways to use it, for intake processes (:mod:`broker.intake.processes`):
 
     * ``hand_off`` (with ``handler=None``): accepted sockets are given to it instead of being served
       here. They count towards ``max_connections`` and :attr:`connection_count` until released.

@@ -20,11 +20,11 @@ from pydicom import Dataset
 from sqlalchemy import Connection, Engine, insert, select
 
 from broker.dicom_json import JsonDataset
-from broker.domain.services import Cause
-from broker.procedure.states import ProcedureState
-from broker.stgcmt.service import CommitmentService
+from broker.domain.procedure_states import ProcedureState
+from broker.domain.records import Cause
 from broker.store.tables import IanNotification, MppsInstance, RequestedProcedure, table_of
 from broker.workflow.attributes import has_value, items, tag, text, to_json
+from broker.workflow.commitment import CommitmentRequests, Requester
 from broker.workflow.context import TransactionalService, WorkflowConfig
 from broker.workflow.instances import InstanceRef, record_instances
 from broker.workflow.outcome import (
@@ -56,9 +56,9 @@ class IanService(TransactionalService):
 
     def __init__(self, engine: Engine, config: WorkflowConfig | None = None,
                  wake: Callable[[], None] | None = None, clock: Callable[[], datetime] = datetime.now,
-                 *, commitment: CommitmentService | None = None) -> None:
+                 *, commitment: CommitmentRequests | None = None) -> None:
         super().__init__(engine, config, wake, clock)
-        self.commitment = commitment or CommitmentService(engine, self.config, wake, clock)
+        self.commitment = commitment or Requester(self.config, clock)
 
     def create(self, sop_instance_uid: str, dataset: Dataset, calling_ae: str) -> Outcome:
         """N-CREATE of an IAN instance."""

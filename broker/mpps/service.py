@@ -18,13 +18,14 @@ from sqlalchemy import Connection, Engine, Row, bindparam, insert, select, updat
 
 from broker.dicom_json import JsonDataset, sequence_items, value
 from broker.dicom_json import has_value as json_has_value
-from broker.domain.services import Cause, WorklistService
+from broker.domain.procedure_states import ProcedureState
+from broker.domain.records import Cause
+from broker.domain.services import WorklistService
 from broker.domain.states import FINAL, NOT_STARTED, StepStatus
-from broker.events import outbox
-from broker.procedure.states import ProcedureState
-from broker.stgcmt.service import CommitmentService
+from broker.outbox import outbox
 from broker.store.tables import MppsInstance, RequestedProcedure, ScheduledStep, table_of
 from broker.workflow.attributes import has_value, items, missing, tag, text, to_json
+from broker.workflow.commitment import CommitmentRequests, Requester
 from broker.workflow.context import TransactionalService, WorkflowConfig
 from broker.workflow.instances import InstanceRef, record_instances
 from broker.workflow.outcome import (
@@ -86,9 +87,9 @@ class MppsService(TransactionalService):
 
     def __init__(self, engine: Engine, config: WorkflowConfig | None = None,
                  wake: Callable[[], None] | None = None, clock: Callable[[], datetime] = datetime.now,
-                 *, commitment: CommitmentService | None = None) -> None:
+                 *, commitment: CommitmentRequests | None = None) -> None:
         super().__init__(engine, config, wake, clock)
-        self.commitment = commitment or CommitmentService(engine, self.config, wake, clock)
+        self.commitment = commitment or Requester(self.config, clock)
 
     # --- N-CREATE ----------------------------------------------------------------------------------
     def create(self, sop_instance_uid: str, dataset: Dataset, calling_ae: str) -> Outcome:

@@ -9,7 +9,7 @@ service message"); the caller sees nothing until its DIMSE timeout, aborts, and 
 retried although the peer answered. The window is microseconds on an idle machine and milliseconds
 under load, when the reactor thread waits for the interpreter lock: a loopback capture showed the
 response leaving the peer whole, in order and acknowledged by the requestor's TCP, while the caller
-timed out (issue 17 item 13; pynetdicom issue #875 is the same symptom for C-FIND).
+timed out (pynetdicom's issue #875 is the same symptom for C-FIND).
 
 The reactor only needs the queue for requests the peer sends to an idle association (a report on a
 commitment association, a C-STORE between C-GETs); the caller's blocking read takes everything else.

@@ -26,9 +26,9 @@ from sqlalchemy import Engine, bindparam, delete, select
 
 from broker.config import Peer, Settings
 from broker.dicom import dimse, pdu
-from broker.events.outbox import OUTBOX
-from broker.events.runner import Event
 from broker.outbound.dicom_peers import PeerFailure
+from broker.outbox.outbox import OUTBOX
+from broker.outbox.runner import Event
 from broker.store.session import make_engine
 
 log = structlog.get_logger(__name__)

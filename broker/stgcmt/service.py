@@ -13,58 +13,23 @@ from collections.abc import Sequence
 from datetime import timedelta
 
 import structlog
-from pydicom.uid import generate_uid
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, select, update
 
-from broker.domain.services import Cause
-from broker.events import outbox
-from broker.procedure.states import ProcedureState
-from broker.store.tables import CommitmentItem, CommitmentRequest, table_of
+from broker.domain.procedure_states import ProcedureState
+from broker.domain.records import Cause
+from broker.workflow.commitment import ITEMS, REQUESTS, request_commitment
 from broker.workflow.context import TransactionalService
-from broker.workflow.instances import procedure_instances
 from broker.workflow.outcome import INVALID_ARGUMENT_VALUE, SUCCESS, Outcome, failure
 
 log = structlog.get_logger(__name__)
-
-REQUESTS = table_of(CommitmentRequest)
-ITEMS = table_of(CommitmentItem)
-
 
 class CommitmentService(TransactionalService):
     """Creates commitment requests and records the archive's answers."""
 
     def request_commitment(self, db: Connection, procedure_pk: int) -> str | None:
-        """Ask the archive to commit every instance known for the procedure, in the caller's transaction.
-
-        Returns the Transaction UID, or None when no archive is configured or no instance is known.
-        A PENDING or COMMITTED request for exactly the same instances is not repeated (an IAN after
-        MPPS COMPLETED usually names the same instances): its Transaction UID is returned instead.
-        """
-        if not self.config.archive_ae:
-            return None
-        instances = procedure_instances(db, procedure_pk)
-        if not instances:
-            return None
-        wanted = set(instances)
-        for request in db.execute(select(REQUESTS.c.id, REQUESTS.c.transaction_uid).where(
-                REQUESTS.c.procedure_fk == procedure_pk, REQUESTS.c.status.in_(["PENDING", "COMMITTED"]))):
-            asked = {(r.sop_class_uid, r.sop_instance_uid) for r in db.execute(
-                select(ITEMS.c.sop_class_uid, ITEMS.c.sop_instance_uid).where(ITEMS.c.request_fk == request.id))}
-            if asked == wanted:
-                return str(request.transaction_uid)
-        now = self.clock()
-        transaction_uid = generate_uid(prefix=f"{self.config.uid_root}." if self.config.uid_root else None)
-        request_pk = db.execute(insert(REQUESTS).returning(REQUESTS.c.id), {
-            "transaction_uid": transaction_uid, "procedure_fk": procedure_pk, "archive_ae": self.config.archive_ae,
-            "status": "PENDING", "reason": "", "requested_at": now, "answered_at": None}).scalar_one()
-        db.execute(insert(ITEMS), [{"request_fk": request_pk, "sop_class_uid": c, "sop_instance_uid": i,
-                                    "committed": None, "failure_reason": None} for c, i in instances])
-        outbox.add_event(db, outbox.STGCMT_REQUEST, {"transaction_uid": transaction_uid,
-                                                     "archive_ae": self.config.archive_ae},
-                         f"stgcmt:{transaction_uid}", now)
-        log.info("stgcmt.requested", procedure_pk=procedure_pk, transaction_uid=transaction_uid,
-                 instances=len(instances))
-        return transaction_uid
+        """Ask the archive to commit every instance known for the procedure, in the caller's transaction
+        (:func:`broker.workflow.commitment.request_commitment`)."""
+        return request_commitment(db, procedure_pk, self.config, self.clock)
 
     def record_result(self, transaction_uid: str, committed: Sequence[tuple[str, str]],
                       failed: Sequence[tuple[str, str, int]]) -> Outcome:

@@ -100,7 +100,7 @@ class RequestedProcedure(Base):
     accession_number: Mapped[str] = mapped_column(String(16), default="", index=True)
     study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
     description: Mapped[str] = mapped_column(String(64), default="")
-    # The procedure state (broker.procedure.states.ProcedureState); every change is in procedure_transitions.
+    # The procedure state (broker.domain.procedure_states.ProcedureState); every change is in procedure_transitions.
     state: Mapped[str] = mapped_column(String(20), default="SCHEDULED", server_default="SCHEDULED")
     created_at: Mapped[datetime] = mapped_column(DateTime)
     updated_at: Mapped[datetime] = mapped_column(DateTime)

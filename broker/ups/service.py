@@ -2,7 +2,7 @@
 
 Each call is one transaction. A state change goes through :meth:`WorklistService.set_step_status`,
 the path MPPS and HL7 take too, so the procedure state, the worklist status, the RIS status and the
-subscribers' State Reports (:func:`broker.ups.notify.step_status_changed`) all follow from it in the
+subscribers' State Reports (:func:`broker.domain.ups_notify.step_status_changed`) all follow from it in the
 same commit; the UPS-only state (Transaction UID, performer, UPS attributes) is in ``ups_workitems``.
 """
 
@@ -21,13 +21,13 @@ from pydicom.uid import generate_uid
 from sqlalchemy import Connection, Engine, Row, and_, delete, insert, select, update
 
 from broker.dicom_json import JsonDataset, element, tag_of, value
-from broker.domain.records import OrderRecord, PatientKey, PatientRecord, ProcedureRecord, StepRecord
-from broker.domain.services import Cause, DomainError, WorklistService
+from broker.domain import ups_matching as matching
+from broker.domain import ups_notify as notify
+from broker.domain import ups_view as view
+from broker.domain.records import Cause, OrderRecord, PatientKey, PatientRecord, ProcedureRecord, StepRecord
+from broker.domain.services import DomainError, WorklistService
 from broker.domain.states import StepStatus
-from broker.events.outbox import OUTBOX
-from broker.store.tables import ScheduledStep, UpsSubscription, UpsWorkitem, table_of
-from broker.ups import matching, notify, view
-from broker.ups.states import (
+from broker.domain.ups_states import (
     COMMENTS,
     CREATE_NOT_SCHEDULED,
     FINAL_STATE_NOT_MET,
@@ -43,6 +43,8 @@ from broker.ups.states import (
     step_status_for,
     ups_state,
 )
+from broker.outbox.outbox import OUTBOX
+from broker.store.tables import ScheduledStep, UpsSubscription, UpsWorkitem, table_of
 from broker.workflow.attributes import items, missing, tag, text, to_json
 from broker.workflow.context import TransactionalService, WorkflowConfig
 from broker.workflow.outcome import (
@@ -135,7 +137,7 @@ class UpsService(TransactionalService):
 
     def find(self, identifier: Dataset) -> Iterator[Dataset]:
         """C-FIND: the workitems matching ``identifier`` with its return keys (raises
-        :class:`~broker.ups.matching.UnsupportedKey` for a key that cannot be used). The indexed keys
+        :class:`~broker.domain.ups_matching.UnsupportedKey` for a key that cannot be used). The indexed keys
         narrow the SQL; every key is then matched on the UPS view."""
         query: JsonDataset = identifier.to_json_dict(bulk_data_threshold=1 << 30)
         query.pop(tag_of("TransactionUID"), None)

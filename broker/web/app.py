@@ -17,11 +17,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from broker import __version__
 from broker.config import Settings
-from broker.hl7.intake import Intake
+from broker.intake.service import Intake
+from broker.metrics import exposition
 from broker.web import board, events, health, messages, procedures, steps
 from broker.web.auth import ReadAccess, TokenBook
 from broker.web.live import LiveFeed
-from broker.web.metrics import exposition
 
 DESCRIPTION = """The worklist broker's REST API and department status board.
 

@@ -10,7 +10,7 @@ import structlog
 from fastapi import APIRouter, HTTPException, Query, Request
 from pydantic import BaseModel, Field
 
-from broker.cli_reports import failed_event_rows, retry_event
+from broker.reports import failed_event_rows, retry_event
 from broker.web.auth import ReadAccess, WriteAccess
 
 log = structlog.get_logger(__name__)

@@ -1,7 +1,7 @@
 """Running an HL7 message through the broker's own HL7 intake from HTTP, and reading back its outcome.
 
 Create / change / cancel over HTTP and the replay of an archived message both go through
-:class:`broker.hl7.intake.Intake`, so they have exactly the effects and validation of the same message
+:class:`broker.intake.service.Intake`, so they have exactly the effects and validation of the same message
 on the MLLP port: archive row, patient / order / step rows, procedure state, outbox events, ACK stored.
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 
 from sqlalchemy import Engine, select
 
-from broker.hl7.intake import Intake
+from broker.intake.service import Intake
 from broker.mapping.rules import load_mappings
 from broker.store.tables import InboundMessage, table_of
 

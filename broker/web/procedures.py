@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 
-from broker.cli_reports import procedure_details
+from broker.reports import procedure_details
 from broker.web.auth import ReadAccess
 from broker.web.listing import PROCEDURES, STEPS, ProcedureFilter, list_procedures, summaries
 

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import structlog
 import uvicorn
 
-from broker.config import Settings
+from broker.config import Settings, StartupError
 from broker.store.session import make_engine
 
 log = structlog.get_logger(__name__)
@@ -89,14 +89,10 @@ async def serve_alone(settings: Settings) -> None:
 
     server = WebServer(settings)
     if not migrate.is_current(server.write_engine):
-        from broker.runtime import StartupError
-
         raise StartupError("the database schema is not current: run 'broker db upgrade' first")
     try:
         await server.start()
     except OSError as exc:
-        from broker.runtime import StartupError
-
         raise StartupError(f"cannot listen on HTTP port {settings.http_port}: {exc.strerror}") from exc
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -1,4 +1,4 @@
 """The DICOM workflow services (MPPS, IAN, Storage Commitment): outcomes, shared context, wiring.
 
-The DICOM edge builds one :class:`broker.workflow.build.Workflow` per process and calls its services.
+The DICOM edge builds one :class:`broker.dicom.workflow.Workflow` per process and calls its services.
 """

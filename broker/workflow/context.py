@@ -16,8 +16,8 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from broker.config import Settings
-from broker.events import outbox
-from broker.procedure.tracker import ProcedureTracker
+from broker.domain.procedure_tracker import ProcedureTracker
+from broker.outbox import outbox
 from broker.workflow.outcome import DUPLICATE_SOP_INSTANCE, PROCESSING_FAILURE, Outcome, failure
 
 log = structlog.get_logger(__name__)

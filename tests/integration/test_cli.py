@@ -189,7 +189,7 @@ def test_bad_setting_stops_startup_with_one_line(tmp_path: Path) -> None:
 
 def test_mapping_test_prints_the_items_without_storing(tmp_path: Path) -> None:
     db = tmp_path / "never.db"
-    result = run_cli("mapping", "test", str(ROOT.parent / "shared/samples/hl7/omi_o23_two_steps.hl7"),
+    result = run_cli("mapping", "test", str(ROOT / "samples/hl7/omi_o23_two_steps.hl7"),
                      env=env_for(f"sqlite:///{db}"))
     assert result.returncode == 0, result.stderr
     out = result.stdout
@@ -200,7 +200,7 @@ def test_mapping_test_prints_the_items_without_storing(tmp_path: Path) -> None:
 
 
 def test_mapping_test_shows_the_problems(tmp_path: Path) -> None:
-    result = run_cli("mapping", "test", str(ROOT.parent / "shared/samples/hl7/orm_o01_bad_fields.hl7"),
+    result = run_cli("mapping", "test", str(ROOT / "samples/hl7/orm_o01_bad_fields.hl7"),
                      env=env_for(f"sqlite:///{tmp_path / 'x.db'}"))
     assert result.returncode == 0
     assert "ERR 102 PID-7" in result.stdout and "ERR 101 OBR-18" in result.stdout
@@ -209,7 +209,7 @@ def test_mapping_test_shows_the_problems(tmp_path: Path) -> None:
 def test_mapping_test_json(tmp_path: Path) -> None:
     import json
 
-    result = run_cli("mapping", "test", "--json", str(ROOT.parent / "shared/samples/hl7/orm_o01_new.hl7"),
+    result = run_cli("mapping", "test", "--json", str(ROOT / "samples/hl7/orm_o01_new.hl7"),
                      env=env_for(f"sqlite:///{tmp_path / 'x.db'}"))
     items = json.loads(result.stdout[result.stdout.index("["):])
     assert items[0]["00080050"]["Value"] == ["ACC77001"]

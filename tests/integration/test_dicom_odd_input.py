@@ -1,13 +1,13 @@
-"""Issue 17 ("Odd and hostile input"), items 5-10: what the broker's acceptor makes of requests that are
+"""Odd and hostile input to the DICOM acceptor: what the broker's acceptor makes of requests that are
 not what they claim to be, driven from outside over real sockets.
 
 - data sets that cannot be decoded (an element length past the end, a header cut short, garbage) are
   answered with the service's failure status and an Error Comment, for every DIMSE service, and nothing
-  of them is stored (items 5, 6);
-- an association that proposes nothing the broker serves is rejected and holds no slot (item 9);
-- Explicit VR Little Endian is chosen when both are proposed, in either order (item 10);
+  of them is stored;
+- an association that proposes nothing the broker serves is rejected and holds no slot;
+- Explicit VR Little Endian is chosen when both are proposed, in either order;
 - a DIMSE message past ``BROKER_DICOM_MAX_MESSAGE_BYTES`` aborts the association before it is buffered
-  (item 7), and the ACSE and DIMSE timeouts bound a whole request, however slowly it is trickled (item 8).
+  and the ACSE and DIMSE timeouts bound a whole request, however slowly it is trickled.
 
 The association requests are encoded by pynetdicom; the DIMSE messages with broken data sets are written
 byte by byte, since no toolkit sends them.
@@ -50,9 +50,9 @@ from sqlalchemy import Engine
 from broker.config import load_settings
 from broker.dicom import dimse, pdu
 from broker.dicom.server import DicomServer
+from broker.dicom.workflow import build_workflow
 from broker.store import migrate
 from broker.store.session import make_engine
-from broker.workflow.build import build_workflow
 from tests.conftest import module_database
 from tests.dicom_support import dicom_server, free_port
 from tests.integration.test_cli import broker_run, env_for

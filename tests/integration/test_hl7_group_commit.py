@@ -20,11 +20,11 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from broker.config import SettingsError, load_settings
-from broker.hl7.intake import Intake
 from broker.hl7.mllp import MLLPServer, run_in_thread
 from broker.hl7.mllp_client import MLLPClient, MLLPError
+from broker.intake.build import build_intake
+from broker.intake.service import Intake
 from broker.mapping.rules import MappingSet
-from broker.runtime import build_intake
 from broker.store.session import make_engine
 from broker.store.tables import InboundMessage, Order, Patient, StepTransition
 from tests.conftest import sample

@@ -1,4 +1,4 @@
-"""Odd HL7 input to ``broker run`` from outside (issue 17, items 1 and 2), on SQLite and PostgreSQL.
+"""Odd HL7 input to ``broker run`` from outside, on SQLite and PostgreSQL.
 
 Control characters (NUL above all: PostgreSQL text cannot hold it) get an error ACK naming the field on
 a connection that stays open, and the archive keeps the exact bytes. Escaped delimiters (``\\T\\`` for

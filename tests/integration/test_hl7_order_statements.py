@@ -16,7 +16,7 @@ import psycopg
 import pytest
 from sqlalchemy import Engine, event, select, text
 
-from broker.hl7.intake import Intake
+from broker.intake.service import Intake
 from broker.mapping.rules import MappingSet
 from broker.store import migrate
 from broker.store.session import make_engine

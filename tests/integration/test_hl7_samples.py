@@ -1,4 +1,4 @@
-"""End to end through a real TCP connection: every shared sample, on SQLite and on PostgreSQL."""
+"""End to end through a real TCP connection: every sample of ``samples/hl7/``, on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 17 items 11 and 12 from outside: ``broker run`` as a process with JSON logs on stderr.
+"""Patient data and library warnings in the logs, from outside: ``broker run`` as a process with JSON logs on stderr.
 
 Item 11: with ``BROKER_LOG_PATIENT_DATA=false`` (the default) no value a message carried reaches the log,
 neither in a problem text (a birth date the HL7 intake refuses, a date range the worklist refuses) nor in
@@ -90,7 +90,7 @@ def run_broker(database_url: str, patient_data: bool) -> tuple[str, list[dict[st
                     if status is not None and "Status" in status]
         assoc.release()
         assert statuses and statuses[-1] not in (0x0000, 0xFF00), statuses
-        # item 12: pydicom warns while it reads an identifier (an Accession Number longer than SH allows)
+        # pydicom warns while it reads an identifier (an Accession Number longer than SH allows)
         with open_association(dicom_port) as sock:
             find = {"AffectedSOPClassUID": ModalityWorklistInformationFind, "CommandField": dimse.C_FIND_RQ,
                     "Priority": 0}

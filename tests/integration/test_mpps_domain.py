@@ -239,7 +239,7 @@ def test_no_ris_status_without_a_ris_and_none_for_hl7_changes(engine: Engine, ma
 
 
 def test_hl7_status_changes_move_the_procedure_without_echo_to_the_ris(engine: Engine, mappings: MappingSet) -> None:
-    from broker.hl7.intake import Intake
+    from broker.intake.service import Intake
     from tests.conftest import sample
 
     order = schedule(engine, mappings)

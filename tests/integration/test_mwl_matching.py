@@ -25,7 +25,7 @@ from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
 from sqlalchemy import Engine, event, insert, select, text
 
-from broker.hl7.intake import Intake
+from broker.intake.service import Intake
 from broker.mapping.rules import MappingSet
 from broker.mwl.finder import PENDING, PENDING_UNSUPPORTED_KEYS, WorklistFinder
 from broker.mwl.identifier import parse_identifier

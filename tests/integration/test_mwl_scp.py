@@ -34,8 +34,8 @@ from broker.config import load_settings
 from broker.dicom import pdu
 from broker.dicom.association import REJECT_CALLING_AE_NOT_RECOGNIZED, REJECT_LOCAL_LIMIT_EXCEEDED
 from broker.dicom.server import DicomServer
-from broker.hl7.intake import Intake
 from broker.hl7.mllp import MLLPServer, run_in_thread
+from broker.intake.service import Intake
 from broker.mapping.rules import MappingSet
 from broker.store import migrate
 from broker.store.session import make_engine

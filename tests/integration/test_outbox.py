@@ -11,9 +11,9 @@ import pytest
 from sqlalchemy import Engine
 from sqlalchemy import event as sqlalchemy_event
 
-from broker.events import outbox as events
 from broker.events.relay import InProcessWorker, Relay
-from broker.events.runner import Event, EventRunner, RetryPolicy
+from broker.outbox import outbox as events
+from broker.outbox.runner import Event, EventRunner, RetryPolicy
 from tests.events_support import outbox
 from tests.integration.test_cli import env_for, run_cli
 

@@ -1,5 +1,4 @@
-"""A pynetdicom requestor gets every response the peer sends, however late its reactor thread runs
-(issue 17 item 13).
+"""A pynetdicom requestor gets every response the peer sends, however late its reactor thread runs.
 
 pynetdicom's reactor can pass its pause checkpoint just before a ``send_*`` call closes it, then take
 that call's response off the DIMSE queue and drop it; the call times out although the response arrived
@@ -28,10 +27,10 @@ from pynetdicom.dimse import DIMSEServiceProvider
 
 from broker.config import Peer
 from broker.dicom.server import DicomServer
+from broker.dicom.workflow import build_workflow
 from broker.outbound.dicom_peers import forward_mpps
 from broker.store import migrate
 from broker.store.session import make_engine
-from broker.workflow.build import build_workflow
 from tests.dicom_support import MppsPeer, dicom_server
 from tests.events_support import mpps_create, mpps_final
 from tests.integration.test_ups_scp import change_state, ups_scu, ups_settings

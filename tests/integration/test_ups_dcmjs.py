@@ -19,8 +19,8 @@ import pytest
 from sqlalchemy import Engine
 
 from broker.events.wiring import EventPath
-from broker.hl7.intake import Intake
 from broker.hl7.mllp import MLLPServer, run_in_thread
+from broker.intake.service import Intake
 from broker.mapping.rules import MappingSet
 from tests.conftest import ROOT
 from tests.dicom_support import dicom_server, free_port

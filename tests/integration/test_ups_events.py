@@ -27,10 +27,10 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from sqlalchemy import Engine
 
+from broker.domain.ups_identity import derived_ups_uid
 from broker.events.wiring import EventPath
-from broker.hl7.intake import Intake
+from broker.intake.service import Intake
 from broker.mapping.rules import MappingSet
-from broker.ups.identity import derived_ups_uid
 from tests.conftest import sample
 from tests.dicom_support import dicom_server, free_port, wait_until
 from tests.events_support import mpps_create, outbox, schedule
@@ -278,8 +278,8 @@ def test_a_subscribers_events_share_one_association_until_it_goes_away(engine: E
     here), the next event goes out on a new association, not lost."""
     from broker.config import Peer
     from broker.dicom_json import element, tag_of
-    from broker.events.runner import Event
     from broker.outbound.ups_events import AssociationPool, deliver
+    from broker.outbox.runner import Event
 
     subscriber = Subscriber("KEEPER").start()
     accepted: list[int] = []

@@ -29,10 +29,10 @@ from sqlalchemy import Engine
 
 from broker.config import Settings, load_settings
 from broker.dicom.server import DicomServer
+from broker.dicom.workflow import build_workflow
+from broker.domain.ups_identity import derived_ups_uid
 from broker.mapping.rules import MappingSet
 from broker.store.tables import ScheduledStep, UpsSubscription
-from broker.ups.identity import derived_ups_uid
-from broker.workflow.build import build_workflow
 from tests.dicom_support import dicom_server, free_port
 from tests.events_support import mpps_create, outbox, procedure_state, rows, schedule, step_status, timeline
 

@@ -18,12 +18,12 @@ from sqlalchemy import Engine, select, update
 
 from broker.config import load_settings
 from broker.dicom_json import value
-from broker.domain.services import Cause
-from broker.events import outbox
-from broker.hl7.intake import Intake
+from broker.domain.procedure_states import ProcedureState
+from broker.domain.procedure_tracker import ProcedureTracker
+from broker.domain.records import Cause
+from broker.intake.service import Intake
 from broker.mapping.rules import MappingSet
-from broker.procedure.states import ProcedureState
-from broker.procedure.tracker import ProcedureTracker
+from broker.outbox import outbox
 from broker.store.tables import InboundMessage, OutboxEvent, ScheduledStep, table_of
 from broker.web.app import create_app
 from tests.conftest import ROOT, sample
@@ -328,7 +328,7 @@ def test_day_summary_counts_and_turnarounds(client: TestClient, engine: Engine, 
 
 def test_metrics_exposition(client: TestClient, engine: Engine, listener: int, mappings: MappingSet) -> None:
     from broker.hl7.mllp_client import MLLPClient
-    from broker.web.metrics import HL7_MESSAGES
+    from broker.metrics import HL7_MESSAGES
 
     before = HL7_MESSAGES.labels("ORM^O01", "AA")._value.get()
     with MLLPClient("127.0.0.1", listener) as mllp:

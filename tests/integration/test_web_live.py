@@ -14,12 +14,12 @@ import httpx
 import pytest
 from sqlalchemy import Engine, func, select
 
-from broker.domain.services import Cause
-from broker.hl7.intake import Intake
+from broker.domain.procedure_states import ProcedureState
+from broker.domain.procedure_tracker import ProcedureTracker
+from broker.domain.records import Cause
 from broker.hl7.mllp_client import MLLPClient
+from broker.intake.service import Intake
 from broker.mapping.rules import MappingSet
-from broker.procedure.states import ProcedureState
-from broker.procedure.tracker import ProcedureTracker
 from broker.web.listing import PROCEDURES
 from broker.web.live import LiveFeed
 from tests.conftest import ROOT, sample

@@ -1,4 +1,4 @@
-"""Odd input to the HTTP API from outside (issue 17): ``broker web`` as a process on SQLite and PostgreSQL,
+"""Odd input to the HTTP API from outside: ``broker web`` as a process on SQLite and PostgreSQL,
 called with httpx.
 
 A control character (NUL, ...) in a path or query parameter is answered 422, never 500 (PostgreSQL

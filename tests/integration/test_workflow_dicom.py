@@ -27,12 +27,12 @@ from sqlalchemy import Engine
 
 from broker.config import Settings, load_settings
 from broker.dicom.server import DicomServer
+from broker.dicom.workflow import build_workflow
 from broker.events.wiring import EventPath
-from broker.hl7.intake import Intake
 from broker.hl7.mllp import MLLPServer, run_in_thread
+from broker.intake.service import Intake
 from broker.mapping.rules import MappingSet
 from broker.store.tables import IanNotification, RequestedProcedure
-from broker.workflow.build import build_workflow
 from tests.dicom_support import StgCmtArchive, dicom_server, free_port, wait_until
 from tests.events_support import (
     TestRis,

@@ -17,7 +17,7 @@ from broker.mapping.charsets import message_charset
 from broker.mapping.engine import Mapper, compiled_rules
 from broker.mapping.rules import MappingSet
 
-SAMPLES = Path(__file__).resolve().parents[3] / "shared" / "samples" / "hl7"
+SAMPLES = Path(__file__).resolve().parents[2] / "samples" / "hl7"
 TRICKY = ("MSH|^~\\&|RIS|HOSP|WL|RAD|20261123||ORM^O01|C1|P|2.3.1\r"
           "PID|1||ID1^^^HOSP^MR~ID2^^^SSA^SS~||DOE^JANE~\"\"|~X|\"\"|F^^&x&y\r"
           "OBR|1|P1||^^^CODE^Text \\T\\ more\\S\\x^LOCAL|||~~||\"\"^b|||A\\F\\B\\E\\C\\X41\\|^&&\r")

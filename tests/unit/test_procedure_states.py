@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from broker.config import Peer, SettingsError, load_settings
-from broker.events.runner import backoff_delay
-from broker.procedure.states import ALLOWED, ProcedureState, is_allowed
+from broker.domain.procedure_states import ALLOWED, ProcedureState, is_allowed
+from broker.outbox.runner import backoff_delay
 
 S = ProcedureState
 

@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from broker.ups.identity import NAMESPACE, derived_ups_uid
+from broker.domain.ups_identity import NAMESPACE, derived_ups_uid
 
 
 @pytest.mark.parametrize(("study", "sps"), [

@@ -7,9 +7,9 @@ import uuid
 
 from pydicom import Dataset
 
-from broker.ups import matching
-from broker.ups.identity import NAMESPACE, derived_ups_uid
-from broker.ups.view import workitem
+from broker.domain import ups_matching as matching
+from broker.domain.ups_identity import NAMESPACE, derived_ups_uid
+from broker.domain.ups_view import workitem
 
 
 def ds_json(**keys: object) -> dict:

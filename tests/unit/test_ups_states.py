@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from broker.domain.states import StepStatus
-from broker.ups.states import (
+from broker.domain.ups_states import (
     ALREADY_CANCELED,
     ALREADY_COMPLETED,
     ALREADY_IN_PROGRESS,

@@ -9,10 +9,10 @@ import pytest
 
 from broker.config import SettingsError, load_settings, parse_api_tokens
 from broker.hl7.message import parse
+from broker.metrics import _message_type
 from broker.web.auth import TokenBook
 from broker.web.intake_bridge import new_control_id, parse_problems
 from broker.web.messages import _with_control_id
-from broker.web.metrics import _message_type
 from broker.web.steps import StepIn, order_message
 
 READ = "r" * 20

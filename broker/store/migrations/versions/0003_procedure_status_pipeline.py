@@ -1,6 +1,6 @@
 """procedure status pipeline
 
-The tables of issue 4: MPPS instances, instance availability and the IAN notifications, Storage
+The tables of the procedure status pipeline: MPPS instances, instance availability and the IAN notifications, Storage
 Commitment requests with their per-instance results, the procedure state (a column on
 requested_procedures, every change in procedure_transitions) and the transactional outbox that
 carries side effects (HL7 status to the RIS, MPPS forwarding, commitment requests) to the workers.

@@ -1,8 +1,8 @@
 """unified procedure step
 
-Issue 5: every scheduled step is also a UPS workitem (PS3.4 CC). ``scheduled_steps.ups_instance_uid``
+Every scheduled step is also a UPS workitem (PS3.4 CC). ``scheduled_steps.ups_instance_uid``
 names it; the steps stored before this revision get the UID the intake now derives for new ones
-(a name-based UUID of Study Instance UID + SPS ID, see broker.ups.identity: the formula is repeated
+(a name-based UUID of Study Instance UID + SPS ID, see broker.domain.ups_identity: the formula is repeated
 here so this revision keeps doing what it did). ``ups_workitems`` holds the UPS-only state of a step
 (Transaction UID, performer, UPS attributes) once UPS touched it; ``ups_subscriptions`` the subscribers.
 
@@ -23,7 +23,7 @@ down_revision = '0003'
 branch_labels = None
 depends_on = None
 
-_NAMESPACE = uuid.UUID("5b0d43a4-7d1f-4f56-9a55-3c2f6c0a2b1e")  # = broker.ups.identity.NAMESPACE
+_NAMESPACE = uuid.UUID("5b0d43a4-7d1f-4f56-9a55-3c2f6c0a2b1e")  # = broker.domain.ups_identity.NAMESPACE
 
 
 def _derived(study_instance_uid: str, sps_id: str) -> str:

@@ -15,8 +15,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from broker.domain.records import OrderRecord, PatientKey
-from broker.domain.services import Cause, DomainError, WorklistService
+from broker.domain.records import Cause, OrderRecord, PatientKey
+from broker.domain.services import DomainError, WorklistService
 from broker.domain.states import StepStatus
 from broker.hl7.errors import (
     APPLICATION_INTERNAL_ERROR,

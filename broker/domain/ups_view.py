@@ -9,8 +9,8 @@ step status and the patient from the item, so an ADT update or an MPPS shows in 
 from __future__ import annotations
 
 from broker.dicom_json import JsonDataset, element, tag_of, value
+from broker.domain.ups_states import ups_state
 from broker.domain.worklist_item import step_item
-from broker.ups.states import ups_state
 
 UPS_PUSH = "1.2.840.10008.5.1.4.34.6.1"
 UPS_WATCH = "1.2.840.10008.5.1.4.34.6.2"

@@ -18,10 +18,11 @@ from typing import Any
 from sqlalchemy import Connection, Row, bindparam, func, select
 
 from broker.dicom_json import JsonDataset, element, tag_of
-from broker.events import outbox
+from broker.domain import ups_matching as matching
+from broker.domain import ups_view as view
+from broker.domain.ups_states import UpsState, ups_state
+from broker.outbox import outbox
 from broker.store.tables import UpsSubscription, UpsWorkitem, table_of
-from broker.ups import matching, view
-from broker.ups.states import UpsState, ups_state
 
 SUBSCRIPTIONS = table_of(UpsSubscription)
 WORKITEMS = table_of(UpsWorkitem)

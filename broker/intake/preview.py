@@ -15,9 +15,9 @@ from broker.dicom_json import JsonDataset
 from broker.domain import worklist_item
 from broker.domain.states import StepStatus
 from broker.hl7.ack import Header
-from broker.hl7.dispatch import ORDER_CONTROL, order_action
 from broker.hl7.errors import MessageError
 from broker.hl7.message import control_problems, may_hold_control_characters, parse
+from broker.intake.dispatch import ORDER_CONTROL, order_action
 from broker.mapping.charsets import message_charset
 from broker.mapping.engine import Mapper
 from broker.mapping.rules import load_mappings

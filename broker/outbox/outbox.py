@@ -27,7 +27,7 @@ _INSERT_MANY = insert(OUTBOX).returning(OUTBOX.c.id)
 RIS_STATUS = "ris.status"
 MPPS_FORWARD = "mpps.forward"
 STGCMT_REQUEST = "stgcmt.request"
-UPS_EVENT = "ups.event"  # one N-EVENT-REPORT to one UPS subscriber (broker.ups.notify)
+UPS_EVENT = "ups.event"  # one N-EVENT-REPORT to one UPS subscriber (broker.domain.ups_notify)
 
 
 def add_event(db: Connection, kind: str, payload: dict[str, Any], ordering_key: str, now: datetime) -> str:

@@ -38,9 +38,11 @@ from typing import Any
 
 import structlog
 
+from broker import logs
 from broker.config import Settings
-from broker.hl7.mllp import Peer, Release
-from broker.web.metrics import count_hl7_labels, hl7_message_labels
+from broker.hl7.mllp import MLLPServer, Peer, Release
+from broker.intake.build import build_intake
+from broker.metrics import count_hl7_labels, hl7_message_labels
 
 log = structlog.get_logger(__name__)
 
@@ -283,10 +285,6 @@ def _worker_main(settings_json: str, channel: socket.socket, number: int) -> Non
     # in flight are answered. SIGTERM (an init system signals the whole group) stops us gracefully.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: _stop_reading(channel))
-    from broker import logs
-    from broker.hl7.mllp import MLLPServer
-    from broker.runtime import build_intake
-
     settings = Settings.model_validate_json(settings_json)
     logs.configure(settings.log_format, settings.log_level, settings.log_patient_data)
     reports = _Reports(channel)

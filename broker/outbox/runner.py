@@ -31,7 +31,7 @@ from typing import Any
 import structlog
 from sqlalchemy import Connection, Engine, and_, bindparam, exists, func, or_, select, text, update
 
-from broker.events.outbox import OUTBOX
+from broker.outbox.outbox import OUTBOX
 from broker.store.tables import OutboxEvent, table_of
 
 log = structlog.get_logger(__name__)

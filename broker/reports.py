@@ -7,8 +7,8 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Engine, Row, select
 
-from broker.events.outbox import OUTBOX
-from broker.events.runner import retry_failed
+from broker.outbox.outbox import OUTBOX
+from broker.outbox.runner import retry_failed
 from broker.store.tables import (
     CommitmentRequest,
     MppsInstance,

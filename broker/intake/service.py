@@ -49,11 +49,12 @@ from sqlalchemy import Connection, Engine, bindparam, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
-from broker.domain.services import Cause, WorklistService
+from broker.domain.records import Cause
+from broker.domain.services import WorklistService
 from broker.hl7 import ack
-from broker.hl7.dispatch import Apply, Context, handler_for
 from broker.hl7.errors import APPLICATION_INTERNAL_ERROR, DATA_TYPE_ERROR, MessageError, Problem
 from broker.hl7.message import control_problems, may_hold_control_characters, parse, storable
+from broker.intake.dispatch import Apply, Context, handler_for
 from broker.mapping.charsets import Charset, UnknownCharset, message_charset
 from broker.mapping.rules import Mapping, MappingSet
 from broker.store.prepared import Prepared

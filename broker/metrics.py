@@ -4,8 +4,9 @@ from the database, outbox queue depth, failed events and UPS subscriptions.
 The counters and the histogram are incremented by the HL7 listener and the worklist SCP in the process
 that runs them. ``/metrics`` serves the process it runs in: with ``broker run`` that is the main
 process, so messages handled by ``BROKER_DICOM_PROCESSES`` extra acceptor processes are not counted
-(HL7 is counted in the main process's listener even with ``BROKER_HL7_PROCESSES``). This module
-imports only prometheus_client: the protocol edges import it without loading the web stack.
+(HL7 is counted in the main process's listener even with ``BROKER_HL7_PROCESSES``). Metrics are a
+concern of every part, so this module sits below them all (it needs only prometheus_client and the
+tables): the protocol edges import it without loading the web stack.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from prometheus_client.core import REGISTRY, CollectorRegistry, GaugeMetricFamily
 from prometheus_client.registry import Collector
+from sqlalchemy import func, inspect, select, table
+
+from broker.store.tables import OutboxEvent, table_of
 
 log = structlog.get_logger(__name__)
 
@@ -77,10 +81,6 @@ class DatabaseCollector(Collector):
         self.engine = engine
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        from sqlalchemy import func, inspect, select, table
-
-        from broker.store.tables import OutboxEvent, table_of
-
         outbox = table_of(OutboxEvent)
         depth = GaugeMetricFamily("broker_outbox_events", "Outbox events by status (pending = queue depth, "
                                   "failed = given up after every attempt)", labels=["status"])

@@ -15,9 +15,9 @@ import structlog
 from sqlalchemy import Connection, bindparam, insert, select, update
 
 from broker.config import RIS_ORDER_STATUS
-from broker.domain.services import Cause
-from broker.events import outbox
-from broker.procedure.states import FROM_STEP_STATUS, ProcedureState, is_allowed
+from broker.domain.procedure_states import FROM_STEP_STATUS, ProcedureState, is_allowed
+from broker.domain.records import Cause
+from broker.outbox import outbox
 from broker.store.tables import (
     Order,
     Patient,
@@ -54,7 +54,7 @@ _PAST_OUTCOME = {ProcedureState.IMAGES_AVAILABLE, ProcedureState.ARCHIVED, Proce
 
 
 class ProcedureTracker:
-    """Applies the state machine of :mod:`broker.procedure.states` to stored procedures.
+    """Applies the state machine of :mod:`broker.domain.procedure_states` to stored procedures.
 
     ``ris_transitions``: states whose reaching is reported to the RIS as an outbox row ``ris.status``
     (empty = nothing is reported). Changes caused by HL7 are never reported back: the RIS sent them.
