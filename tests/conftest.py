@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -26,6 +27,10 @@ def pytest_configure(config: pytest.Config) -> None:
     # (broker.outbound.requestor_responses): the tests' pynetdicom clients keep their responses,
     # as the broker's own requestors do.
     keep_responses_for_the_caller()
+    # In-process listeners log to structlog's default printer, and their threads may log between two
+    # tests, outside pytest's capture: keep the run's output to the dots. Tests that read log events
+    # use structlog.testing.capture_logs, which does not go through the logger factory.
+    structlog.configure(logger_factory=structlog.ReturnLoggerFactory())
 
 
 def sample(name: str) -> bytes:
