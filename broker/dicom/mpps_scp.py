@@ -23,5 +23,5 @@ def handle_n_create(request: Request, mpps: MppsService) -> Iterator[Response]:
 def handle_n_set(request: Request, mpps: MppsService) -> Iterator[Response]:
     """N-SET: the modality updates, completes or discontinues the step."""
     uid = str(request.command.get("RequestedSOPInstanceUID") or "")
-    yield from answer_with_data_set(request, "modification list",
+    yield from answer_with_data_set(request,
                                     lambda dataset: mpps.update(uid, dataset, request.peer.calling_ae_title))

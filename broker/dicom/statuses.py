@@ -51,10 +51,10 @@ def answer_n_create(request: Request, create: Callable[[str, Dataset, str], Outc
     yield status, outcome.attribute_list
 
 
-def answer_with_data_set(request: Request, what: str, call: Callable[[Dataset], Outcome],
+def answer_with_data_set(request: Request, call: Callable[[Dataset], Outcome],
                          attribute_list: bool = True) -> Iterator[Response]:
     """A request whose data set a domain service takes (N-SET, N-ACTION): the service's outcome (with its
     attribute list, unless ``attribute_list`` is False). The data set was decoded before (an undecodable
-    one is answered 0110 by the association, naming ``what`` it is)."""
+    one is answered 0110 by the association, which names what it is)."""
     outcome = call(request.data_set())
     yield status_dataset(outcome), outcome.attribute_list if attribute_list else None

@@ -36,7 +36,7 @@ def handle_n_create(request: Request, ups: UpsService) -> Iterator[Response]:
 def handle_n_set(request: Request, ups: UpsService) -> Iterator[Response]:
     """N-SET (Pull): the performer (or, while SCHEDULED, anyone) updates the workitem's attributes."""
     uid = _requested_uid(request)
-    yield from answer_with_data_set(request, "modification list",
+    yield from answer_with_data_set(request,
                                     lambda dataset: ups.set(uid, dataset, request.peer.calling_ae_title),
                                     attribute_list=False)
 
@@ -56,7 +56,7 @@ def handle_n_get(request: Request, ups: UpsService) -> Iterator[Response]:
 def handle_n_action(request: Request, ups: UpsService) -> Iterator[Response]:
     """N-ACTION: change state (1), request cancel (2), subscribe (3), unsubscribe (4), suspend (5)."""
     uid, action_type = _requested_uid(request), int(request.command.get("ActionTypeID", 0))
-    yield from answer_with_data_set(request, "action information",
+    yield from answer_with_data_set(request,
                                     lambda dataset: ups.action(uid, action_type, dataset,
                                                                request.peer.calling_ae_title),
                                     attribute_list=False)

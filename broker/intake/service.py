@@ -345,10 +345,10 @@ class Intake:
         if job.failure is not None:
             raise job.failure
         if job.outcome == "duplicate":
-            log.info("hl7.duplicate", sender=header.sender, control_id=header.control_id, peer=peer)
+            log.info("hl7.duplicate", sender=job.sender, control_id=job.control_id, peer=peer)
         else:
             log.info("hl7.message", message_type=f"{header.message_type}^{header.trigger_event}",
-                     control_id=header.control_id, sender=header.sender, outcome=job.outcome, peer=peer,
+                     control_id=job.control_id, sender=job.sender, outcome=job.outcome, peer=peer,
                      error=job.error or None, ms=round((time.perf_counter() - started) * 1000, 2))
         return job.replies
 
