@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from broker.hl7.errors import ERROR_TEXT, Problem
-from broker.hl7.message import CONTROL_CHARACTERS, Delimiters, Message, parse
+from broker.hl7.message import Delimiters, Message, escape, parse
 
 _counter = itertools.count(1)
 
@@ -90,11 +90,7 @@ def _escape(text: str, d: Delimiters) -> str:
     table = _escape_table(d)
     if table is not None:
         return text.translate(table)
-    out = text.replace(d.escape, f"{d.escape}E{d.escape}")
-    for char, code in ((d.field, "F"), (d.component, "S"), (d.subcomponent, "T"), (d.repetition, "R")):
-        out = out.replace(char, f"{d.escape}{code}{d.escape}")
-    out = out.replace("\r", " ").replace("\n", " ")
-    return CONTROL_CHARACTERS.sub(lambda m: f"{d.escape}X{ord(m.group()):02X}{d.escape}", out)
+    return escape(text, d)
 
 
 def _version_at_least_25(version: str) -> bool:

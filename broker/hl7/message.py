@@ -259,10 +259,14 @@ def escape(text: str, d: Delimiters = _STANDARD) -> str:
     for char, code in ((d.field, "F"), (d.component, "S"), (d.subcomponent, "T"), (d.repetition, "R")):
         if char in out:
             out = out.replace(char, f"{d.escape}{code}{d.escape}")
-    out = out.replace("\r", " ").replace("\n", " ")
-    if CONTROL_CHARACTERS.search(out) is None:
-        return out
-    return CONTROL_CHARACTERS.sub(lambda m: f"{d.escape}X{ord(m.group()):02X}{d.escape}", out)
+    return _hex_escaped(out.replace("\r", " ").replace("\n", " "), d.escape)
+
+
+def _hex_escaped(text: str, escape: str) -> str:
+    """``text`` with each control character as its HL7 hex escape (``\\X00\\``)."""
+    if CONTROL_CHARACTERS.search(text) is None:
+        return text
+    return CONTROL_CHARACTERS.sub(lambda m: f"{escape}X{ord(m.group()):02X}{escape}", text)
 
 
 def may_hold_control_characters(raw: bytes, text: str, escape: str) -> bool:
@@ -312,6 +316,4 @@ def storable(text: str) -> str:
     """``text`` with each control character as its HL7 hex escape (``\\X00\\``), for the archive's text
     columns (sender, control ID, message type, error): PostgreSQL text cannot hold NUL, and SQLite
     stores the same. The raw bytes themselves are kept unchanged in the binary ``raw`` column."""
-    if CONTROL_CHARACTERS.search(text) is None:
-        return text
-    return CONTROL_CHARACTERS.sub(lambda m: f"\\X{ord(m.group()):02X}\\", text)
+    return _hex_escaped(text, _STANDARD.escape)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import datetime
 import re
 
+from broker.hl7.message import escape
+
 __all__ = [
     "MAX_LENGTH",
     "TransformError",
@@ -181,6 +183,12 @@ def pn_to_xpn(name: str) -> list[str]:
     while parts and not parts[-1]:
         parts.pop()
     return parts
+
+
+def xpn_field(name: str) -> str:
+    """A DICOM PN as the HL7 XPN field the broker writes (PID-5 of its own messages): the components of
+    :func:`pn_to_xpn`, each escaped, so ``SMITH&JONES`` goes out as ``SMITH\\T\\JONES``."""
+    return "^".join(escape(part) for part in pn_to_xpn(name))
 
 
 # --- coded values ----------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import structlog
 
 from broker.hl7.message import escape, parse
 from broker.hl7.mllp_client import MLLPClient
-from broker.mapping.transforms import pn_to_xpn
+from broker.mapping.transforms import xpn_field
 
 log = structlog.get_logger(__name__)
 
@@ -32,10 +32,6 @@ def _escape(value: Any) -> str:
     return escape(str(value or ""))
 
 
-def _xpn(pn: Any) -> str:
-    """A stored DICOM PN as PID-5 (XPN): its components in HL7 order, each escaped (a ``&`` in a name
-    is a character)."""
-    return "^".join(_escape(part) for part in pn_to_xpn(str(pn or "")))
 
 
 def control_id(event_id: str) -> str:
@@ -52,7 +48,7 @@ def build_status_message(payload: dict[str, Any], message_type: str, event_id: s
                     STRUCTURES[message_type], control_id(event_id), "P", version])
     patient_id = e(payload["patient_id"]) + (f"^^^{e(payload['issuer_of_patient_id'])}"
                                              if payload.get("issuer_of_patient_id") else "")
-    pid = f"PID|1||{patient_id}||{_xpn(payload.get('patient_name', ''))}"
+    pid = f"PID|1||{patient_id}||{xpn_field(str(payload.get('patient_name') or ''))}"
     placer = e(payload["placer_order_number"]) + (f"^{e(payload['placer_issuer'])}" if payload.get("placer_issuer")
                                                   else "")
     filler = e(payload["filler_order_number"]) + (f"^{e(payload['filler_issuer'])}" if payload.get("filler_issuer")

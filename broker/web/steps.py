@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import select
 
 from broker.hl7.message import escape
-from broker.mapping.transforms import pn_to_xpn
+from broker.mapping.transforms import xpn_field
 from broker.web.auth import Caller, WriteAccess
 from broker.web.intake_bridge import Outcome, new_control_id, submit
 from broker.web.listing import ORDERS, PATIENTS, PROCEDURES, STEPS, summaries
@@ -220,13 +220,8 @@ def _components(*parts: str) -> str:
     return "^".join(_esc(p) for p in parts).rstrip("^")
 
 
-def _pn_to_xpn(name: str) -> str:
-    """DICOM PN family^given^middle^prefix^suffix -> HL7 XPN family^given^middle^suffix^prefix."""
-    return _components(*pn_to_xpn(name))
-
-
 def _pn_to_xcn(name: str) -> str:
-    return ("^" + _pn_to_xpn(name)) if name else ""
+    return ("^" + xpn_field(name)) if name else ""
 
 
 def _code(code: Code | None) -> str:
@@ -246,7 +241,7 @@ def order_message(control: str, body: StepIn, control_id: str, now: datetime) ->
     segments = [
         f"MSH|^~\\&|{SENDING_APPLICATION}|{SENDING_FACILITY}|WLBROKER||{stamp}||OMI^O23^OMI_O23|{control_id}|P|2.5.1"
         "||||||UNICODE UTF-8",
-        f"PID|1||{_components(body.patient_id, '', '', body.issuer_of_patient_id)}||{_pn_to_xpn(body.patient_name)}"
+        f"PID|1||{_components(body.patient_id, '', '', body.issuer_of_patient_id)}||{xpn_field(body.patient_name)}"
         f"||{body.patient_birth_date.strftime('%Y%m%d') if body.patient_birth_date else ''}|{body.patient_sex}",
     ]
     if control == "CA":
