@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 DEFAULT_CONFIG_PATH = Path("config/broker.yaml")
@@ -41,6 +41,11 @@ RIS_ORDER_STATUS = {"ARRIVED": "SC", "STARTED": "IP", "COMPLETED": "CM", "DISCON
                     "IMAGES AVAILABLE": "CM", "ARCHIVED": "CM"}
 
 
+# TLS 1.2 cipher suites of BCP 195 (RFC 9325 section 4.2, as DICOM PS3.15 B.9 asks): forward secrecy
+# and AEAD only. TLS 1.3 suites are all acceptable and are not set by this string.
+BCP195_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20"
+
+
 class Settings(BaseSettings):
     """Every setting of the broker, with its default (kept equal to ``config/broker.yaml``)."""
 
@@ -50,7 +55,9 @@ class Settings(BaseSettings):
     redis_url: str = ""
 
     hl7_host: str = "0.0.0.0"
-    hl7_port: int = Field(2575, ge=1, le=65535)
+    hl7_port: int = Field(2575, ge=0, le=65535)  # 0 = no plain MLLP port
+    hl7_tls_port: int = Field(0, ge=0, le=65535)  # 0 = no MLLP port with TLS
+    hl7_tls_require_client_cert: bool = False
     hl7_max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     hl7_idle_timeout: float = Field(600, gt=0)
     hl7_max_connections: int = Field(200, ge=1)
@@ -61,7 +68,11 @@ class Settings(BaseSettings):
 
     ae_title: str = "BROKER"
     dicom_host: str = "0.0.0.0"
-    dicom_port: int = Field(11112, ge=1, le=65535)
+    dicom_port: int = Field(11112, ge=0, le=65535)  # 0 = no plain DICOM port
+    dicom_tls_port: int = Field(0, ge=0, le=65535)  # 0 = no DICOM port with TLS (2762 by convention)
+    dicom_tls_require_client_cert: bool = True
+    dicom_tls_ae_certificates: str = ""
+    dicom_tls_peers: str = ""
     dicom_max_associations: int = Field(50, ge=1, le=1000)
     dicom_acse_timeout: float = Field(30, gt=0)
     dicom_dimse_timeout: float = Field(30, gt=0)
@@ -85,6 +96,7 @@ class Settings(BaseSettings):
     ups_shutdown_wait: float = Field(2, ge=0)
     mpps_forward_aes: str = ""
     ris_hl7_address: str = ""
+    ris_hl7_tls: bool = False
     ris_status_message_type: Literal["ORM^O01", "OMI^O23", "ORU^R01"] = "ORM^O01"
     ris_status_transitions: str = "STARTED,COMPLETED,DISCONTINUED"
     ris_hl7_ack_timeout: float = Field(10, gt=0)
@@ -97,8 +109,28 @@ class Settings(BaseSettings):
 
     # --- status board and REST API ---
     http_host: str = "0.0.0.0"
-    http_port: int = Field(8080, ge=0, le=65535)  # 0 = no HTTP server in 'broker run'
+    http_port: int = Field(8080, ge=0, le=65535)  # 0 = no plain HTTP server in 'broker run'
+    http_tls_port: int = Field(0, ge=0, le=65535)  # 0 = no HTTPS server
+    http_tls_require_client_cert: bool = False
     api_tokens: str = ""
+    api_tokens_file: str = ""
+
+    # --- TLS, shared by every listener and by the connections the broker opens ---
+    tls_certificate: str = ""
+    tls_private_key: str = ""
+    tls_ca_bundle: str = ""
+    tls_ciphers: str = BCP195_CIPHERS
+    tls_check_hostname: bool = True
+    tls_handshake_timeout: float = Field(10, gt=0)
+
+    # --- audit trail (IHE ATNA) ---
+    audit_enabled: bool = True
+    audit_repository: str = ""
+    audit_source_id: str = ""
+    audit_enterprise_site_id: str = ""
+    audit_retention_days: int = Field(180, ge=1)
+    audit_flush_interval: float = Field(0.2, gt=0)
+    audit_retry_max: float = Field(30, gt=0)
 
     log_format: Literal["json", "console"] = "json"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -178,6 +210,74 @@ class Settings(BaseSettings):
     def _valid_api_tokens(cls, value: str) -> str:
         parse_api_tokens(value)
         return value
+
+    @field_validator("dicom_tls_ae_certificates")
+    @classmethod
+    def _valid_ae_certificates(cls, value: str) -> str:
+        parse_ae_certificates(value)
+        return value
+
+    @field_validator("dicom_tls_peers")
+    @classmethod
+    def _tls_peers_are_peers(cls, value: str, info: ValidationInfo) -> str:
+        peers = parse_peers(info.data.get("dicom_peers", ""))
+        unknown = [ae for ae in _comma_list(value) if ae not in peers]
+        if unknown:
+            raise ValueError(f"{unknown[0]!r} is not one of BROKER_DICOM_PEERS")
+        return value
+
+    @field_validator("audit_repository")
+    @classmethod
+    def _valid_audit_repository(cls, value: str) -> str:
+        if value.strip():
+            parse_audit_repository(value.strip())
+        return value.strip()
+
+    @field_validator("api_tokens_file")
+    @classmethod
+    def _tokens_file_exists(cls, value: str) -> str:
+        if value and not Path(value).is_file():
+            raise ValueError(f"{value!r} is not a readable file")
+        return value
+
+    @model_validator(mode="after")
+    def _tls_is_complete(self) -> Settings:
+        listeners = {"BROKER_DICOM_TLS_PORT": self.dicom_tls_port, "BROKER_HL7_TLS_PORT": self.hl7_tls_port,
+                     "BROKER_HTTP_TLS_PORT": self.http_tls_port}
+        uses_tls = [name for name, port in listeners.items() if port]
+        if (self.dicom_tls_peers or self.ris_hl7_tls
+                or self.audit_repository.startswith("tls://")) and not self.tls_ca_bundle:
+            raise ValueError("connections over TLS need BROKER_TLS_CA_BUNDLE to verify the peer")
+        if uses_tls and not (self.tls_certificate and self.tls_private_key):
+            raise ValueError(f"{uses_tls[0]} needs BROKER_TLS_CERTIFICATE and BROKER_TLS_PRIVATE_KEY")
+        requiring = {"BROKER_DICOM_TLS_REQUIRE_CLIENT_CERT": self.dicom_tls_port and self.dicom_tls_require_client_cert,
+                     "BROKER_HL7_TLS_REQUIRE_CLIENT_CERT": self.hl7_tls_port and self.hl7_tls_require_client_cert,
+                     "BROKER_HTTP_TLS_REQUIRE_CLIENT_CERT": self.http_tls_port and self.http_tls_require_client_cert}
+        needing_ca = [name for name, required in requiring.items() if required]
+        if (needing_ca or self.dicom_tls_ae_certificates) and not self.tls_ca_bundle:
+            raise ValueError(f"{(needing_ca or ['BROKER_DICOM_TLS_AE_CERTIFICATES'])[0]} needs BROKER_TLS_CA_BUNDLE")
+        for name in ("tls_certificate", "tls_private_key", "tls_ca_bundle"):
+            path = getattr(self, name)
+            if path and not Path(path).is_file():
+                raise ValueError(f"BROKER_{name.upper()}={path!r} is not a readable file")
+        if not self.dicom_port and not self.dicom_tls_port:
+            raise ValueError("BROKER_DICOM_PORT and BROKER_DICOM_TLS_PORT are both 0: no DICOM listener")
+        return self
+
+    @property
+    def ae_certificates(self) -> dict[str, tuple[str, str]]:
+        """``dicom_tls_ae_certificates`` as AE title -> (``sha256`` or ``cn``, expected value)."""
+        return parse_ae_certificates(self.dicom_tls_ae_certificates)
+
+    @property
+    def tls_peers(self) -> frozenset[str]:
+        """AE titles of the DICOM peers the broker connects to over TLS."""
+        return frozenset(_comma_list(self.dicom_tls_peers))
+
+    @property
+    def audit_destination(self) -> tuple[str, str, int] | None:
+        """``audit_repository`` as (``tls`` or ``udp``, host, port), or None when records stay local."""
+        return parse_audit_repository(self.audit_repository) if self.audit_repository else None
 
     @property
     def api_token_roles(self) -> dict[str, str]:
@@ -271,7 +371,7 @@ def parse_peers(value: str) -> dict[str, Peer]:
     return peers
 
 
-API_ROLES = ("read", "write")
+API_ROLES = ("read", "write", "audit")
 
 
 def parse_api_tokens(value: str) -> dict[str, str]:
@@ -283,11 +383,44 @@ def parse_api_tokens(value: str) -> dict[str, str]:
     for number, entry in enumerate(_comma_list(value), start=1):
         token, _, role = entry.rpartition(":")
         if not token or role not in API_ROLES:
-            raise ValueError(f"entry {number}: each entry is token:role with role read or write")
+            raise ValueError(f"entry {number}: each entry is token:role with role read, write or audit")
         if len(token) < 16:
             raise ValueError(f"entry {number}: a token has at least 16 characters")
         tokens[token] = role
     return tokens
+
+
+def parse_ae_certificates(value: str) -> dict[str, tuple[str, str]]:
+    """``AE=sha256:<hex>`` or ``AE=cn:<common name>``, comma separated, as AE -> (kind, value).
+
+    A SHA-256 fingerprint may be written with or without colons, in either case; it is kept as lower
+    case hex without colons. A common name is compared exactly.
+    """
+    bound: dict[str, tuple[str, str]] = {}
+    for entry in _comma_list(value):
+        title, equals, certificate = entry.partition("=")
+        kind, colon, expected = certificate.partition(":")
+        problem = "each entry is AE=sha256:<fingerprint> or AE=cn:<common name>"
+        title = title.strip()
+        if not equals or not colon or not title or len(title) > 16 or kind.lower() not in ("sha256", "cn"):
+            raise ValueError(f"{entry!r}: {problem}")
+        if kind.lower() == "sha256":
+            expected = expected.replace(":", "").strip().lower()
+            if len(expected) != 64 or any(c not in "0123456789abcdef" for c in expected):
+                raise ValueError(f"{entry!r}: a SHA-256 fingerprint has 64 hex digits")
+        elif not expected.strip():
+            raise ValueError(f"{entry!r}: {problem}")
+        bound[title] = (kind.lower(), expected.strip())
+    return bound
+
+
+def parse_audit_repository(value: str) -> tuple[str, str, int]:
+    """``tls://host:port`` (RFC 5425) or ``udp://host:port`` (RFC 5426) as (scheme, host, port)."""
+    scheme, separator, address = value.partition("://")
+    if not separator or scheme not in ("tls", "udp"):
+        raise ValueError(f"{value!r}: the audit repository is tls://host:port or udp://host:port")
+    host, port = _host_port(address, "the audit repository is tls://host:port or udp://host:port")
+    return scheme, host, port
 
 
 def _comma_list(value: str) -> list[str]:
@@ -328,6 +461,8 @@ def load_settings(**overrides: Any) -> Settings:
         return Settings(**overrides)
     except ValidationError as exc:
         first = exc.errors()[0]
+        if not first["loc"]:  # a rule over several settings: the message names them
+            raise SettingsError(f"invalid settings: {first['msg'].removeprefix('Value error, ')}") from exc
         name = ".".join(str(p) for p in first["loc"])
         env_name = f"BROKER_{name.upper()}"
         shown = os.environ.get(env_name)

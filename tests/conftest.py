@@ -16,6 +16,7 @@ from broker.mapping.rules import MappingSet, load_mappings
 from broker.outbound.requestor_responses import keep_responses_for_the_caller
 from broker.store import migrate
 from broker.store.session import make_engine, make_session_factory
+from tests.tls_support import Pki, make_pki
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "samples" / "hl7"
@@ -102,3 +103,9 @@ def listener(engine: Engine, mappings: MappingSet) -> Iterator[int]:
         yield thread.port
     finally:
         thread.stop()
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A CA with the broker's, the clients' and bad certificates (tests/tls_support.py), one per session."""
+    return make_pki(tmp_path_factory.mktemp("pki"))
