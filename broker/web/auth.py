@@ -1,4 +1,7 @@
-"""API tokens with a read or a write role, from the ``api_tokens`` setting: no token, no data.
+"""API tokens with a read, write or audit role, from the ``api_tokens`` setting: no token, no data.
+
+The audit role is apart from the other two: it reads the audit trail and nothing else, and neither
+read nor write can read the audit trail (who looked at the records is not who works with them).
 
 A client sends ``Authorization: Bearer <token>``. The browser's EventSource cannot set a header, so
 the live stream (and only it) also accepts ``?token=<token>``. Tokens are compared in constant time and
@@ -15,6 +18,8 @@ from fastapi import Depends, HTTPException, Query, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 ROLES = {"read": 1, "write": 2}
+"""The data roles, each allowing what the lower one does; ``audit`` is outside this order."""
+AUDIT_ROLE = "audit"
 _bearer = HTTPBearer(auto_error=False, description="an API token from the api_tokens setting")
 
 
@@ -48,7 +53,8 @@ def _check(request: Request, presented: str | None, needed: str) -> Caller:
     if caller is None:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "an API token is required (Authorization: Bearer)",
                             headers={"WWW-Authenticate": "Bearer"})
-    if ROLES[caller.role] < ROLES[needed]:
+    if (caller.role == AUDIT_ROLE) != (needed == AUDIT_ROLE) or (
+            needed != AUDIT_ROLE and ROLES[caller.role] < ROLES[needed]):
         raise HTTPException(status.HTTP_403_FORBIDDEN, f"this token has the {caller.role} role; "
                             f"this request needs {needed}")
     return caller
@@ -66,6 +72,12 @@ def writer(request: Request,
     return _check(request, credentials.credentials if credentials else None, "write")
 
 
+def auditor(request: Request,
+            credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Caller:
+    """Dependency: a token with the audit role (and only that role reads the audit trail)."""
+    return _check(request, credentials.credentials if credentials else None, AUDIT_ROLE)
+
+
 def stream_reader(request: Request,
                   credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
                   token: Annotated[str | None, Query(description="the API token (EventSource cannot "
@@ -76,3 +88,4 @@ def stream_reader(request: Request,
 
 ReadAccess = Annotated[Caller, Depends(reader)]
 WriteAccess = Annotated[Caller, Depends(writer)]
+AuditAccess = Annotated[Caller, Depends(auditor)]
