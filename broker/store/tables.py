@@ -422,6 +422,55 @@ class UpsSubscription(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime)
 
 
+class AuditRecord(Base):
+    """An audit event (DICOM audit message, PS3.15 A.5) as recorded: the audit trail and its outbox at once.
+
+    Written in the transaction of the change it records (or batched by the audit writer for reads and
+    alerts); the shipper sends undelivered rows, lowest ``id`` first, to the Audit Record Repository and
+    sets ``delivered_at``. ``event``: the whole event (participants, objects) as JSON, from which the XML
+    is written; the columns beside it are what ``broker audit`` and ``GET /api/audit`` search.
+    ``event_id`` / ``event_type``: the code values of EventID and the first EventTypeCode; ``user_id`` /
+    ``host``: the requestor's UserID and NetworkAccessPointID. Rows older than ``audit_retention_days``
+    are deleted, delivered or not.
+    """
+
+    __tablename__ = "audit_records"
+    __table_args__ = (
+        Index("ix_audit_recorded_at", "recorded_at"),
+        Index("ix_audit_user", "user_id", "recorded_at"),
+        Index("ix_audit_event", "event_id", "recorded_at"),
+        # the shipper's queue: only the rows not delivered yet
+        Index("ix_audit_undelivered", "id", sqlite_where=text("delivered_at IS NULL"),
+              postgresql_where=text("delivered_at IS NULL")),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    recorded_at: Mapped[datetime] = mapped_column(DateTime)
+    event_id: Mapped[str] = mapped_column(String(16))
+    event_type: Mapped[str] = mapped_column(String(16), default="")
+    action: Mapped[str] = mapped_column(String(1))
+    outcome: Mapped[int] = mapped_column(Integer, default=0)
+    user_id: Mapped[str] = mapped_column(String(200), default="")
+    host: Mapped[str] = mapped_column(String(200), default="")
+    event: Mapped[dict[str, Any]] = mapped_column(JSON)
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class AuditRecordPatient(Base):
+    """The patients an audit record names (Patient ID, ``id^^^issuer`` when the issuer is known).
+
+    A table of its own so that searching the trail by patient is an index lookup for any patient an
+    event names (a query's answer may name several), not a scan of the JSON.
+    """
+
+    __tablename__ = "audit_record_patients"
+
+    patient_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    record_id: Mapped[int] = mapped_column(ForeignKey("audit_records.id", ondelete="CASCADE"), primary_key=True,
+                                           index=True)
+
+
 def table_of(model: type[Base]) -> Table:
     """The Core table of a model: the hot paths use Core statements on the same tables."""
     return cast(Table, model.__table__)
