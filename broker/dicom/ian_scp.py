@@ -14,4 +14,5 @@ from broker.ian.service import IanService
 
 def handle_n_create(request: Request, ian: IanService) -> Iterator[Response]:
     """N-CREATE: the archive says which instances of a study are available, and where."""
-    yield from answer_n_create(request, ian.create)
+    yield from answer_n_create(request, lambda uid, dataset, calling_ae: ian.create(uid, dataset, calling_ae,
+                                                                                    request.peer.address))

@@ -17,11 +17,13 @@ from broker.mpps.service import MppsService
 
 def handle_n_create(request: Request, mpps: MppsService) -> Iterator[Response]:
     """N-CREATE: a modality starts a performed procedure step."""
-    yield from answer_n_create(request, mpps.create)
+    yield from answer_n_create(request, lambda uid, dataset, calling_ae: mpps.create(uid, dataset, calling_ae,
+                                                                                      request.peer.address))
 
 
 def handle_n_set(request: Request, mpps: MppsService) -> Iterator[Response]:
     """N-SET: the modality updates, completes or discontinues the step."""
     uid = str(request.command.get("RequestedSOPInstanceUID") or "")
     yield from answer_with_data_set(request,
-                                    lambda dataset: mpps.update(uid, dataset, request.peer.calling_ae_title))
+                                    lambda dataset: mpps.update(uid, dataset, request.peer.calling_ae_title,
+                                                                request.peer.address))

@@ -37,7 +37,7 @@ def commitment_result(report: Dataset) -> tuple[str, list[tuple[str, str]], list
 
 
 def answer_report(event_type: int, decode: Callable[[], Dataset], commitment: CommitmentService,
-                  calling_ae: str) -> Outcome:
+                  calling_ae: str, host: str = "") -> Outcome:
     """The outcome of one commitment report, whichever association it came on: 0x0113 for an event
     type that is not a commitment result, 0x0110 when the event information cannot be decoded, else
     :meth:`CommitmentService.record_result`'s."""
@@ -48,7 +48,7 @@ def answer_report(event_type: int, decode: Callable[[], Dataset], commitment: Co
     except Exception as exc:
         log.warning("stgcmt.bad_report", calling_ae=calling_ae, error=str(exc))
         return failure(PROCESSING_FAILURE, "event information cannot be decoded")
-    outcome = commitment.record_result(transaction_uid, committed, failed)
+    outcome = commitment.record_result(transaction_uid, committed, failed, calling_ae, host)
     log.info("stgcmt.report", calling_ae=calling_ae, transaction_uid=transaction_uid,
              committed=len(committed), failed=len(failed), status=hex(outcome.status))
     return outcome
@@ -57,5 +57,5 @@ def answer_report(event_type: int, decode: Callable[[], Dataset], commitment: Co
 def handle_n_event_report(request: Request, commitment: CommitmentService) -> Iterator[Response]:
     """N-EVENT-REPORT from the archive with the result of an earlier commitment request."""
     outcome = answer_report(int(request.command.get("EventTypeID", 0)), request.data_set, commitment,
-                            request.peer.calling_ae_title)
+                            request.peer.calling_ae_title, request.peer.address)
     yield status_dataset(outcome), None

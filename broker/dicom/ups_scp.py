@@ -30,14 +30,16 @@ def _requested_uid(request: Request) -> str:
 
 def handle_n_create(request: Request, ups: UpsService) -> Iterator[Response]:
     """N-CREATE (Push): a new SCHEDULED workitem."""
-    yield from answer_n_create(request, ups.create)
+    yield from answer_n_create(request, lambda uid, dataset, calling_ae: ups.create(uid, dataset, calling_ae,
+                                                                                    request.peer.address))
 
 
 def handle_n_set(request: Request, ups: UpsService) -> Iterator[Response]:
     """N-SET (Pull): the performer (or, while SCHEDULED, anyone) updates the workitem's attributes."""
     uid = _requested_uid(request)
     yield from answer_with_data_set(request,
-                                    lambda dataset: ups.set(uid, dataset, request.peer.calling_ae_title),
+                                    lambda dataset: ups.set(uid, dataset, request.peer.calling_ae_title,
+                                                            request.peer.address),
                                     attribute_list=False)
 
 
@@ -58,7 +60,7 @@ def handle_n_action(request: Request, ups: UpsService) -> Iterator[Response]:
     uid, action_type = _requested_uid(request), int(request.command.get("ActionTypeID", 0))
     yield from answer_with_data_set(request,
                                     lambda dataset: ups.action(uid, action_type, dataset,
-                                                               request.peer.calling_ae_title),
+                                                               request.peer.calling_ae_title, request.peer.address),
                                     attribute_list=False)
 
 

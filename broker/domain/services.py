@@ -34,8 +34,10 @@ from sqlalchemy import (
     update,
 )
 
+from broker.audit.events import Action
 from broker.dicom_json import JsonDataset, element, tag_of, value
 from broker.domain import ups_notify, worklist_item
+from broker.domain.auditing import ChangeAudit, step_subject
 from broker.domain.procedure_tracker import ProcedureTracker
 from broker.domain.records import Cause, OrderRecord, PatientKey, PatientRecord, ProcedureRecord
 from broker.domain.states import FINAL, NOT_STARTED, OPEN, StepStatus
@@ -202,9 +204,14 @@ class WorklistService:
     """Patients, orders and scheduled steps: the commands of spec section 1."""
 
     def __init__(self, connection: Connection, clock: Callable[[], datetime] = datetime.now,
-                 procedures: ProcedureTracker | None = None, *, announce_new_steps: bool = True) -> None:
+                 procedures: ProcedureTracker | None = None, *, announce_new_steps: bool = True,
+                 audit: ChangeAudit | None = None) -> None:
         self.db = connection
         self.clock = clock
+        # The audit records of the commands (Order and Patient Records, the Procedure Records of ADT
+        # A10), in the command's transaction; None: not recorded. Step status changes made through
+        # set_step_status are recorded by their callers (MPPS, UPS), which know the event.
+        self.audit = audit
         # A new step is a new UPS workitem, announced to global subscribers (broker.domain.ups_notify.step_scheduled);
         # False for UPS N-CREATE, which gives the step its own UID and announces it itself.
         self.announce_new_steps = announce_new_steps
@@ -270,7 +277,10 @@ class WorklistService:
 
     def update_patient(self, record: PatientRecord, cause: Cause) -> int:
         """ADT A01/A04/A05/A08/A31: update the patient; propagate to its open items. Returns their count."""
-        patient = self.upsert_patient(record)
+        row = self._patient_row(record.key)
+        patient = self._upsert_patient(record, row)
+        if self.audit is not None:
+            self.audit.patient(self.db, "C" if row is None else "U", patient.key, self.clock())
         return self._refresh_items(patient, self._steps_of(patient.pk, OPEN))
 
     def merge_patient(self, surviving: PatientRecord, prior: PatientKey, cause: Cause,
@@ -289,6 +299,8 @@ class WorklistService:
             self.db.execute(update(PATIENTS).where(PATIENTS.c.id == prior_row.id).values(
                 patient_id=surviving.key.patient_id, issuer=surviving.key.issuer))
             patient = self.upsert_patient(surviving)
+            if self.audit is not None:
+                self.audit.patient(self.db, "U", patient.key, self.clock(), merged=prior)
             return self._refresh_items(patient, self._steps_of(patient.pk, None))
         target = self.upsert_patient(surviving)
         if prior_row is None:
@@ -306,6 +318,8 @@ class WorklistService:
         self.db.execute(update(PATIENTS).where(PATIENTS.c.id == prior_row.id).values(
             merged_into_id=target.pk, updated_at=self.clock()))
         moved = self._refresh_items(target, steps)
+        if self.audit is not None:
+            self.audit.patient(self.db, "U", target.key, self.clock(), merged=prior)
         log.info("patient.merged", prior_pk=prior_row.id, surviving_pk=target.pk, items=moved)
         return moved
 
@@ -320,6 +334,8 @@ class WorklistService:
             steps = [s for s in steps if s.admission_id == admission_id]
         for step in steps:
             self._set_status(step, StepStatus.ARRIVED, cause)
+            if self.audit is not None:
+                self.audit.procedure(self.db, "U", step_subject(step), f"{step.sps_status} -> ARRIVED", self.clock())
         return len(steps)
 
     def _steps_of(self, patient_pk: int, statuses: Iterable[str] | None) -> list[Row[Any]]:
@@ -379,15 +395,18 @@ class WorklistService:
             "filler_issuer": record.filler_issuer, "order_control": record.order_control,
             "order_status": record.order_status, "created_at": now, "updated_at": now}
         if one_statement:
-            return self._place_one_step_order(order, patient, record, cause, now, new_patient=found.id is None,
-                                              announce=announce)
-        order_pk = self._insert_row(_INSERT_ORDER, order)
-        created = 0
-        for procedure_record in record.procedures:
-            procedure_pk = self._add_procedure(order_pk, procedure_record, now)
-            for step_record in procedure_record.steps:
-                self._add_step(procedure_pk, patient, step_record.item, cause, now, announce=announce)
-                created += 1
+            created = self._place_one_step_order(order, patient, record, cause, now, new_patient=found.id is None,
+                                                 announce=announce)
+        else:
+            order_pk = self._insert_row(_INSERT_ORDER, order)
+            created = 0
+            for procedure_record in record.procedures:
+                procedure_pk = self._add_procedure(order_pk, procedure_record, now)
+                for step_record in procedure_record.steps:
+                    self._add_step(procedure_pk, patient, step_record.item, cause, now, announce=announce)
+                    created += 1
+        if self.audit is not None:
+            self.audit.order(self.db, "C", patient.key, record, now)
         return created
 
     def _place_one_step_order(self, order: dict[str, Any], patient: StoredPatient, record: OrderRecord,
@@ -461,20 +480,29 @@ class WorklistService:
             log.info("step.removed_by_change", step_pks=removed, cause=cause.text)
             self.db.execute(delete(TRANSITIONS).where(TRANSITIONS.c.step_fk.in_(removed)))
             self.db.execute(delete(STEPS).where(STEPS.c.id.in_(removed)))
+        if self.audit is not None:
+            self.audit.order(self.db, "U", patient.key, record, now)
         return touched + len(removed)
 
     def change_order_status(self, record: OrderRecord, to: StepStatus, cause: Cause) -> int:
         """Order-level status: CANCELED (steps not started), DISCONTINUED / COMPLETED (steps not final),
         STARTED (steps not started). Returns the number of steps changed."""
         order = self._existing_order(record)
+        now = self.clock()
         self.db.execute(update(ORDERS).where(ORDERS.c.id == order.id).values(
-            order_control=record.order_control, order_status=record.order_status, updated_at=self.clock()))
+            order_control=record.order_control, order_status=record.order_status, updated_at=now))
         allowed_from = NOT_STARTED if to in (StepStatus.CANCELED, StepStatus.STARTED) else OPEN
         changed = 0
-        for step in self._order_steps(order.id):
+        steps = self._order_steps(order.id)
+        for step in steps:
             if step.sps_status in allowed_from and step.sps_status != to:
                 self._set_status(step, to, cause)
                 changed += 1
+        if self.audit is not None:
+            # a cancelled or discontinued order is a deleted one (D); a started or completed one changed (U)
+            action: Action = "D" if to in (StepStatus.CANCELED, StepStatus.DISCONTINUED) else "U"
+            patient = self._patient_by_pk(order.patient_fk)
+            self.audit.order(self.db, action, PatientKey(patient.patient_id, patient.issuer), record, now, steps)
         return changed
 
     def _existing_order(self, record: OrderRecord) -> Row[Any]:

@@ -8,6 +8,10 @@ An IAN for a study the broker does not know is accepted (0x0000) and stored with
 PS3.4 R defines no failure for it, the notification is true whatever the broker knows, and a
 failure status would only make the archive resend something that can never succeed. Nothing of any
 procedure changes; the instances are kept (procedure NULL) for reconciliation.
+
+An IAN correlated with a procedure is recorded in the audit trail in its transaction: a Procedure
+Record (U) of that procedure, its description saying what became available. One for an unknown study
+is not: it changes no patient's data.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from pydicom import Dataset
 from sqlalchemy import Connection, Engine, insert, select
 
 from broker.dicom_json import JsonDataset
+from broker.domain.auditing import procedure_subject
 from broker.domain.procedure_states import ProcedureState
 from broker.domain.records import Cause
 from broker.store.tables import IanNotification, MppsInstance, RequestedProcedure, table_of
@@ -60,8 +65,8 @@ class IanService(TransactionalService):
         super().__init__(engine, config, wake, clock)
         self.commitment = commitment or Requester(self.config, clock)
 
-    def create(self, sop_instance_uid: str, dataset: Dataset, calling_ae: str) -> Outcome:
-        """N-CREATE of an IAN instance."""
+    def create(self, sop_instance_uid: str, dataset: Dataset, calling_ae: str, host: str = "") -> Outcome:
+        """N-CREATE of an IAN instance; ``calling_ae`` at ``host`` is the requestor of the audit record."""
         problem = _check(dataset)
         if problem is not None:
             log.info("ian.refused", sop_instance_uid=sop_instance_uid, status=hex(problem.status),
@@ -71,10 +76,11 @@ class IanService(TransactionalService):
             document = to_json(dataset)
         except Exception as exc:
             return failure(PROCESSING_FAILURE, f"attribute list cannot be stored: {type(exc).__name__}")
-        return self.in_transaction(lambda db: self._create(db, sop_instance_uid, dataset, document, calling_ae),
-                                   "ian.create")
+        return self.in_transaction(
+            lambda db: self._create(db, sop_instance_uid, dataset, document, calling_ae, host), "ian.create")
 
-    def _create(self, db: Connection, uid: str, dataset: Dataset, document: JsonDataset, calling_ae: str) -> Outcome:
+    def _create(self, db: Connection, uid: str, dataset: Dataset, document: JsonDataset, calling_ae: str,
+                host: str = "") -> Outcome:
         if db.execute(select(NOTIFICATIONS.c.id).where(NOTIFICATIONS.c.sop_instance_uid == uid)).first():
             return failure(DUPLICATE_SOP_INSTANCE, "an IAN with this SOP Instance UID exists")
         study_uid = text(dataset, "StudyInstanceUID")
@@ -95,10 +101,17 @@ class IanService(TransactionalService):
         if procedure_pk is None:
             log.info("ian.unknown_study", sop_instance_uid=uid, calling_ae=calling_ae, instances=len(refs))
             return Outcome(SUCCESS)
-        if any(r.availability in RETRIEVABLE for r in refs):
+        available = any(r.availability in RETRIEVABLE for r in refs)
+        if available:
             self.procedures.advance(db, procedure_pk, ProcedureState.IMAGES_AVAILABLE,
                                     Cause(f"IAN {uid}", event_kind="ian", event_ref=uid))
             self.commitment.request_commitment(db, procedure_pk)
+        audit = self.change_audit(self.dicom_source(calling_ae, host))
+        subject = procedure_subject(db, procedure_pk) if audit is not None else None
+        if audit is not None and subject is not None:
+            states = ", ".join(sorted({r.availability for r in refs}))
+            audit.procedure(db, "U", subject, f"IAN: images available ({len(refs)} instance(s))" if available
+                            else f"IAN: {len(refs)} instance(s) {states}", now)
         log.info("ian.stored", sop_instance_uid=uid, procedure_pk=procedure_pk, instances=len(refs))
         return Outcome(SUCCESS)
 

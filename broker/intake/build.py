@@ -20,4 +20,5 @@ def build_intake(settings: Settings, pool_size: int | None = None) -> Intake:
     archive = make_engine(settings.database_url, pool_size=pool_size or settings.hl7_workers,
                           flush_with_next_commit=True)
     group_commit = {"on": True, "off": False}.get(settings.hl7_group_commit)  # auto: None, per database
-    return Intake(engine, mappings, settings.uid_root, archive_engine=archive, group_commit=group_commit)
+    return Intake(engine, mappings, settings.uid_root, archive_engine=archive, group_commit=group_commit,
+                  audit=settings.audit_enabled, ae_title=settings.ae_title)

@@ -31,6 +31,18 @@ reads on), so the order per connection holds.
 
 Two copies of one MSH-10 are never handled at the same time in one process (with or without group
 commit): the later one waits until the earlier one is answered, and is then answered as a duplicate.
+
+Audit (``audit=True``): the domain command records its Order / Patient / Procedure Record in the
+message's transaction (with group commit: in its savepoint), so a refused message leaves none. The
+requestor is the sender (MSH-3^MSH-4) at the peer's address, or the ``source`` the caller gives (the
+HTTP routes: the token and the client's address). Two kinds of message are Security Alerts (Use of
+Restricted Function), recorded in the transaction that answers the message, whatever its outcome:
+
+* a message whose sender and MSH-10 were stored before with *different bytes* (a repeat of the same
+  bytes is how HL7 senders recover from a lost ACK, and is no alert; anything else re-uses a control
+  ID for another content, which a sender should never do and a replaying attacker would);
+* a message replayed from the archive over HTTP (``source.extras["replay_of"]``): re-applying a stored
+  message by hand is a restricted function, recorded even when the replay is refused.
 """
 
 from __future__ import annotations
@@ -49,6 +61,9 @@ from sqlalchemy import Connection, Engine, bindparam, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
+from broker.audit.events import Participant, Source
+from broker.audit.trail import broker_participant
+from broker.domain.auditing import ChangeAudit
 from broker.domain.records import Cause
 from broker.domain.services import WorklistService
 from broker.hl7 import ack
@@ -71,7 +86,7 @@ OUTCOME_STATUS = {"AA": "accepted", "AE": "error", "AR": "rejected"}
 # The outcome is recorded only on a row not answered yet: if a concurrent copy of the same message
 # (another process, or a repeat that found the row unanswered) got there first, its answer stands.
 _RECORD_OUTCOME = Prepared(update(MESSAGES).where(MESSAGES.c.id == bindparam("pk"), MESSAGES.c.ack.is_(None)))
-_ORIGINAL = select(MESSAGES.c.id, MESSAGES.c.ack, MESSAGES.c.ack_code).where(
+_ORIGINAL = select(MESSAGES.c.id, MESSAGES.c.ack, MESSAGES.c.ack_code, MESSAGES.c.raw).where(
     MESSAGES.c.sender == bindparam("sender"), MESSAGES.c.control_id == bindparam("control_id"),
     MESSAGES.c.duplicate_of_id.is_(None))
 _ANSWER_OF = select(MESSAGES.c.ack, MESSAGES.c.ack_code).where(MESSAGES.c.id == bindparam("pk"))
@@ -102,6 +117,7 @@ class _Job:
     header: ack.Header
     mapping: Mapping
     charset: Charset | None
+    source: Source | None = None  # who asks, for the audit trail (None: the sender at the peer's address)
     archived_id: int | None = None  # our own archive row; None = the MSH-10 was stored before
     # read before the transaction (see _read): the command, or why there is none
     command: Apply | None = None
@@ -145,6 +161,11 @@ class _Job:
 
     def answer(self, outcome: str, replies: list[bytes], error: str = "") -> None:
         self.outcome, self.replies, self.error = outcome, replies, error
+
+    @functools.cached_property
+    def requestor(self) -> Source:
+        """Who the audit trail names as asking for the message's changes."""
+        return self.source or Source(self.sender, peer_host(self.peer), "hl7")
 
 
 @dataclass
@@ -297,8 +318,13 @@ class Intake:
     """The :data:`~broker.hl7.mllp.MessageHandler` of the listener: bytes in, reply frames out."""
 
     def __init__(self, engine: Engine, mappings: MappingSet, uid_root: str = "",
-                 archive_engine: Engine | None = None, *, group_commit: bool | None = None) -> None:
+                 archive_engine: Engine | None = None, *, group_commit: bool | None = None,
+                 audit: bool = False, ae_title: str = "BROKER") -> None:
         self.engine = engine
+        # audit: the changes are recorded in the audit trail, the broker named by ae_title
+        self.audit = audit
+        self.ae_title = ae_title
+        self._broker: Participant | None = None
         # Archive rows may be committed without their own flush: see make_engine(flush_with_next_commit).
         self.archive_engine = archive_engine or engine
         self.mappings = mappings
@@ -330,12 +356,14 @@ class Intake:
     def __call__(self, raw: bytes, peer: tuple[str, int]) -> list[bytes]:
         return self.handle(raw, f"{peer[0]}:{peer[1]}")
 
-    def handle(self, raw: bytes, peer: str = "") -> list[bytes]:
-        """Store, process and answer one message; returns the reply messages to send back."""
+    def handle(self, raw: bytes, peer: str = "", source: Source | None = None) -> list[bytes]:
+        """Store, process and answer one message; returns the reply messages to send back.
+
+        ``source``: who asks, for the audit trail, when it is not the sender at ``peer`` (HTTP)."""
         started = time.perf_counter()
         header = ack.Header.from_raw(raw)
         mapping = self.mappings.for_sender(header.sending_application, header.sending_facility)
-        job = _Job(raw, peer, header, mapping, self._charset(header, mapping.default_character_set))
+        job = _Job(raw, peer, header, mapping, self._charset(header, mapping.default_character_set), source)
         self._read(job)
         with self._copies.one_at_a_time(job.key):
             if self._group is None:
@@ -394,11 +422,17 @@ class Intake:
         """
         job.clear()
         job.message_id = job.archived_id
+        if self.audit and job.source is not None and "replay_of" in job.source.extras:
+            self._alert(db, job, f"archived HL7 message #{job.source.extras['replay_of']} replayed",
+                        f"inbound message #{job.source.extras['replay_of']}")
         if job.archived_id is not None:
             return False
         original = db.execute(_ORIGINAL, {"sender": job.sender, "control_id": job.control_id}).first()
         if original is None:  # pragma: no cover - only a deleted archive row gets here
             raise OperationalError("archive", {}, Exception("the original of a repeated message vanished"))
+        if self.audit and bytes(original.raw) != job.raw:
+            self._alert(db, job, f"HL7 message {job.control_id} from {job.sender} repeated with other content",
+                        f"inbound message #{original.id}")
         if original.ack is None:
             job.message_id = int(original.id)
             return False
@@ -554,13 +588,26 @@ class Intake:
         handler = handler_for(message)
         return handler(Context(message, job.mapping, charset, self.uid_root))
 
-    @staticmethod
-    def _apply(db: Connection, job: _Job) -> str:
+    def _apply(self, db: Connection, job: _Job) -> str:
         if job.refusal is not None:
             raise job.refusal
         assert job.command is not None
         cause = Cause(job.cause_text, job.message_id, event_kind="hl7", event_ref=job.event_ref)
-        return job.command(WorklistService(db), cause)
+        return job.command(WorklistService(db, audit=self._change_audit(job)), cause)
+
+    def _change_audit(self, job: _Job) -> ChangeAudit | None:
+        """The audit of the message's changes (None: not recorded)."""
+        if not self.audit:
+            return None
+        if self._broker is None:  # made once: the broker's host name and process do not change
+            self._broker = broker_participant(self.ae_title)
+        return ChangeAudit(job.requestor, self._broker)
+
+    def _alert(self, db: Connection, job: _Job, reason: str, resource: str) -> None:
+        """A Security Alert (Use of Restricted Function) about the message, in the caller's transaction."""
+        audit = self._change_audit(job)
+        assert audit is not None
+        audit.restricted_use(db, reason, resource, datetime.now())
 
     @staticmethod
     def _record(db: Connection, job: _Job, outcome: str, replies: list[bytes], error: str) -> bool:
@@ -582,3 +629,11 @@ class Intake:
     def _encode(messages: list[str], charset: Charset | None) -> list[bytes]:
         codec = charset.python_codec if charset else "ascii"
         return [m.encode(codec, errors="replace") for m in messages]
+
+
+def peer_host(peer: str) -> str:
+    """The address of a ``host:port`` peer (IPv4 or IPv6); '' for one that is no address."""
+    host, separator, port = peer.rpartition(":")
+    if not separator or not port.isdigit():
+        return ""
+    return host.strip("[]")

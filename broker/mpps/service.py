@@ -1,7 +1,8 @@
 """MPPS N-CREATE and N-SET (PS3.4 F.7.2) as domain operations: rules, status codes, effects.
 
 Each call is one transaction: the MPPS instance, the step and procedure states, the instances it
-references, the commitment request and the outbox rows (RIS status, forwards) commit together before
+references, the commitment request, the outbox rows (RIS status, forwards) and the audit record
+(a Procedure Record per linked step: C for N-CREATE, U for N-SET) commit together before
 the edge answers the modality. Forwarding failures happen later, in tasks, and never reach the
 modality.
 """
@@ -16,10 +17,12 @@ import structlog
 from pydicom import Dataset
 from sqlalchemy import Connection, Engine, Row, bindparam, insert, select, update
 
+from broker.audit.events import Action
 from broker.dicom_json import JsonDataset, sequence_items, value
 from broker.dicom_json import has_value as json_has_value
+from broker.domain.auditing import ChangeAudit, ProcedureSubject, step_subject
 from broker.domain.procedure_states import ProcedureState
-from broker.domain.records import Cause
+from broker.domain.records import Cause, PatientKey
 from broker.domain.services import WorklistService
 from broker.domain.states import FINAL, NOT_STARTED, StepStatus
 from broker.outbox import outbox
@@ -73,7 +76,8 @@ _MPPS_BY_UID_LOCKING = _MPPS_BY_UID.with_for_update()
 _INSERT_MPPS = insert(MPPS)
 _UPDATE_MPPS = (update(MPPS).where(MPPS.c.id == bindparam("pk"))
                 .values(dataset=bindparam("document"), status=bindparam("new_status"), updated_at=bindparam("now")))
-_STEPS_BY_KEY = select(STEPS.c.id, STEPS.c.procedure_fk, STEPS.c.sps_status).where(
+_STEPS_BY_KEY = select(STEPS.c.id, STEPS.c.procedure_fk, STEPS.c.sps_status, STEPS.c.sps_id, STEPS.c.patient_id,
+                       STEPS.c.issuer_of_patient_id, STEPS.c.accession_number, STEPS.c.study_instance_uid).where(
     STEPS.c.study_instance_uid == bindparam("study_uid"), STEPS.c.sps_id == bindparam("sps_id"))
 
 _STEP_STATUS = {IN_PROGRESS: StepStatus.STARTED, COMPLETED: StepStatus.COMPLETED,
@@ -92,8 +96,9 @@ class MppsService(TransactionalService):
         self.commitment = commitment or Requester(self.config, clock)
 
     # --- N-CREATE ----------------------------------------------------------------------------------
-    def create(self, sop_instance_uid: str, dataset: Dataset, calling_ae: str) -> Outcome:
-        """N-CREATE: a new PPS, IN PROGRESS, linked to its scheduled step(s) or kept as unscheduled."""
+    def create(self, sop_instance_uid: str, dataset: Dataset, calling_ae: str, host: str = "") -> Outcome:
+        """N-CREATE: a new PPS, IN PROGRESS, linked to its scheduled step(s) or kept as unscheduled.
+        ``calling_ae`` at ``host`` is the requestor of the audit record."""
         problem = _check_create(dataset)
         if problem is not None:
             log.info("mpps.create_refused", sop_instance_uid=sop_instance_uid, status=hex(problem.status),
@@ -103,11 +108,11 @@ class MppsService(TransactionalService):
             document = to_json(dataset)
         except Exception as exc:  # a value pydicom cannot encode: the request is not usable
             return failure(PROCESSING_FAILURE, f"attribute list cannot be stored: {type(exc).__name__}")
-        return self.in_transaction(lambda db: self._create(db, sop_instance_uid, dataset, document, calling_ae),
-                                   "mpps.create")
+        return self.in_transaction(
+            lambda db: self._create(db, sop_instance_uid, dataset, document, calling_ae, host), "mpps.create")
 
     def _create(self, db: Connection, uid: str, dataset: Dataset, document: JsonDataset,
-                calling_ae: str) -> Outcome:
+                calling_ae: str, host: str = "") -> Outcome:
         if db.execute(_MPPS_ID_BY_UID, {"uid": uid}).first() is not None:
             return failure(DUPLICATE_SOP_INSTANCE, "an MPPS with this SOP Instance UID exists")
         steps = _linked_steps(db, document)
@@ -124,21 +129,24 @@ class MppsService(TransactionalService):
         else:
             log.info("mpps.unscheduled", sop_instance_uid=uid, calling_ae=calling_ae)
         self._forward(db, uid, "N-CREATE", document, now)
+        self._audit(self.change_audit(self.dicom_source(calling_ae, host)), db, "C", f"MPPS {IN_PROGRESS}",
+                    steps, document, now)
         log.info("mpps.created", sop_instance_uid=uid, steps=[s.id for s in steps], calling_ae=calling_ae)
         return Outcome(SUCCESS)
 
     # --- N-SET -------------------------------------------------------------------------------------
-    def update(self, sop_instance_uid: str, dataset: Dataset, calling_ae: str) -> Outcome:
-        """N-SET: change the attributes a PPS may still change; COMPLETED / DISCONTINUED end it."""
+    def update(self, sop_instance_uid: str, dataset: Dataset, calling_ae: str, host: str = "") -> Outcome:
+        """N-SET: change the attributes a PPS may still change; COMPLETED / DISCONTINUED end it.
+        ``calling_ae`` at ``host`` is the requestor of the audit record."""
         try:
             modification = to_json(dataset)
         except Exception as exc:
             return failure(PROCESSING_FAILURE, f"modification list cannot be stored: {type(exc).__name__}")
-        return self.in_transaction(lambda db: self._update(db, sop_instance_uid, dataset, modification, calling_ae),
-                                   "mpps.update")
+        return self.in_transaction(
+            lambda db: self._update(db, sop_instance_uid, dataset, modification, calling_ae, host), "mpps.update")
 
     def _update(self, db: Connection, uid: str, dataset: Dataset, modification: JsonDataset,
-                calling_ae: str) -> Outcome:
+                calling_ae: str, host: str = "") -> Outcome:
         # on PostgreSQL, two N-SETs on one instance run one after the other
         query = _MPPS_BY_UID_LOCKING if db.dialect.name == "postgresql" else _MPPS_BY_UID
         row = db.execute(query, {"uid": uid}).first()
@@ -168,8 +176,9 @@ class MppsService(TransactionalService):
                                tuple(tag(k) for k in lacking))
         now = self.clock()
         db.execute(_UPDATE_MPPS, {"pk": row.id, "document": document, "new_status": status, "now": now})
+        audit = self.change_audit(self.dicom_source(calling_ae, host))
+        steps = _linked_steps(db, document) if status != row.status or audit is not None else []
         if status != row.status:
-            steps = _linked_steps(db, document)
             if steps:
                 self._apply_status(db, uid, status, steps)
             if status in (COMPLETED, DISCONTINUED):
@@ -177,10 +186,27 @@ class MppsService(TransactionalService):
                 if status == COMPLETED and row.procedure_fk is not None:
                     self.commitment.request_commitment(db, row.procedure_fk)
         self._forward(db, uid, "N-SET", modification, now)
+        self._audit(audit, db, "U", f"MPPS {status}" if status != row.status else "MPPS attributes updated",
+                    steps, document, now)
         log.info("mpps.updated", sop_instance_uid=uid, status=status, calling_ae=calling_ae)
         return Outcome(SUCCESS)
 
     # --- effects -----------------------------------------------------------------------------------
+    @staticmethod
+    def _audit(audit: ChangeAudit | None, db: Connection, action: Action, description: str, steps: list[Row[Any]],
+               document: JsonDataset, now: datetime) -> None:
+        """A Procedure Record for each linked step; for an unscheduled PPS one naming what it carries."""
+        if audit is None:
+            return
+        subjects = [step_subject(step) for step in steps]
+        if not subjects:
+            scheduled = sequence_items(document, "ScheduledStepAttributesSequence")
+            first = scheduled[0] if scheduled else {}
+            subjects = [ProcedureSubject(PatientKey(value(document, "PatientID"), value(document, "IssuerOfPatientID")),
+                                         value(first, "StudyInstanceUID"), value(first, "AccessionNumber"))]
+        for subject in subjects:
+            audit.procedure(db, action, subject, description, now)
+
     def _apply_status(self, db: Connection, uid: str, status: str, steps: list[Row[Any]]) -> None:
         """The PPS status moves its steps (SPS Status) and, through them, their procedures."""
         cause = Cause(f"MPPS {uid} {status}", event_kind="mpps", event_ref=uid)

@@ -4,7 +4,9 @@ A request is created in the transaction of the event that calls for it (MPPS COM
 one row per referenced instance and an outbox row ``stgcmt.request``; the task sends the N-ACTION.
 The archive's N-EVENT-REPORT (on the same association or a new one) is handed to
 :meth:`CommitmentService.record_result`, which keeps the result per instance and moves the
-procedure to ARCHIVED (all committed) or COMMIT FAILED.
+procedure to ARCHIVED (all committed) or COMMIT FAILED. Each result that moves a request, and each
+timeout, is a Procedure Record (U) in the audit trail, in the same transaction: the archive (its AE
+title and address) is the requestor of a result, the broker itself of a timeout.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from datetime import timedelta
 import structlog
 from sqlalchemy import Connection, select, update
 
+from broker.audit.events import Source
+from broker.domain.auditing import procedure_subject
 from broker.domain.procedure_states import ProcedureState
 from broker.domain.records import Cause
 from broker.workflow.commitment import ITEMS, REQUESTS, request_commitment
@@ -32,15 +36,16 @@ class CommitmentService(TransactionalService):
         return request_commitment(db, procedure_pk, self.config, self.clock)
 
     def record_result(self, transaction_uid: str, committed: Sequence[tuple[str, str]],
-                      failed: Sequence[tuple[str, str, int]]) -> Outcome:
+                      failed: Sequence[tuple[str, str, int]], calling_ae: str = "", host: str = "") -> Outcome:
         """The archive's N-EVENT-REPORT: ``committed`` (class, instance) and ``failed`` (class, instance,
         Failure Reason). An unknown Transaction UID is 0x0115 (invalid argument value); a report for
-        a request already COMMITTED changes nothing; a success after a timeout still archives."""
-        return self.in_transaction(lambda db: self._record(db, transaction_uid, committed, failed),
-                                   "stgcmt.result")
+        a request already COMMITTED changes nothing; a success after a timeout still archives.
+        ``calling_ae`` at ``host``: the archive that reported, the requestor of the audit record."""
+        return self.in_transaction(
+            lambda db: self._record(db, transaction_uid, committed, failed, calling_ae, host), "stgcmt.result")
 
     def _record(self, db: Connection, transaction_uid: str, committed: Sequence[tuple[str, str]],
-                failed: Sequence[tuple[str, str, int]]) -> Outcome:
+                failed: Sequence[tuple[str, str, int]], calling_ae: str = "", host: str = "") -> Outcome:
         request = db.execute(select(REQUESTS).where(REQUESTS.c.transaction_uid == transaction_uid)).first()
         if request is None:
             log.warning("stgcmt.unknown_transaction", transaction_uid=transaction_uid)
@@ -66,9 +71,18 @@ class CommitmentService(TransactionalService):
         text = f"Storage Commitment {transaction_uid} " + ("committed" if not failed else reason)
         self.procedures.advance(db, request.procedure_fk, target,
                                 Cause(text, event_kind="stgcmt", event_ref=transaction_uid))
+        self._audit(db, self.dicom_source(calling_ae or request.archive_ae, host), request.procedure_fk,
+                    "Storage Commitment " + ("committed" if not failed else f"failed: {reason}"))
         log.info("stgcmt.answered", transaction_uid=transaction_uid, status=status, committed=len(committed),
                  failed=len(failed))
         return Outcome(SUCCESS)
+
+    def _audit(self, db: Connection, source: Source, procedure_pk: int, description: str) -> None:
+        """The Procedure Record of a commitment result (when changes are recorded)."""
+        audit = self.change_audit(source)
+        subject = procedure_subject(db, procedure_pk) if audit is not None else None
+        if audit is not None and subject is not None:
+            audit.procedure(db, "U", subject, description, self.clock())
 
     def sweep_timeouts(self) -> int:
         """Mark PENDING requests older than ``stgcmt_timeout`` FAILED (procedure COMMIT FAILED).
@@ -92,6 +106,7 @@ class CommitmentService(TransactionalService):
                     self.procedures.advance(db, request.procedure_fk, ProcedureState.COMMIT_FAILED,
                                             Cause(f"Storage Commitment {request.transaction_uid}: {reason}",
                                                   event_kind="stgcmt", event_ref=request.transaction_uid))
+                    self._audit(db, Source("broker"), request.procedure_fk, f"Storage Commitment failed: {reason}")
                     log.warning("stgcmt.timed_out", transaction_uid=request.transaction_uid)
             return Outcome(SUCCESS)
 

@@ -4,6 +4,12 @@ Each call is one transaction. A state change goes through :meth:`WorklistService
 the path MPPS and HL7 take too, so the procedure state, the worklist status, the RIS status and the
 subscribers' State Reports (:func:`broker.domain.ups_notify.step_status_changed`) all follow from it in the
 same commit; the UPS-only state (Transaction UID, performer, UPS attributes) is in ``ups_workitems``.
+
+Each change of a workitem is recorded in the audit trail in its transaction: N-CREATE as a Procedure
+Record (C) of the new step, beside the Order Record (C) of the order it makes; a state change (N-ACTION
+1, a cancel that takes effect) and an N-SET as a Procedure Record (U), its description saying what
+changed. The requestor is the calling AE title at its address. Subscriptions change no patient's data
+and are not recorded.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from broker.dicom_json import JsonDataset, element, tag_of, value
 from broker.domain import ups_matching as matching
 from broker.domain import ups_notify as notify
 from broker.domain import ups_view as view
+from broker.domain.auditing import ChangeAudit, step_subject
 from broker.domain.records import Cause, OrderRecord, PatientKey, PatientRecord, ProcedureRecord, StepRecord
 from broker.domain.services import DomainError, WorklistService
 from broker.domain.states import StepStatus
@@ -161,8 +168,9 @@ class UpsService(TransactionalService):
             after = rows[-1].id
 
     # --- N-CREATE ----------------------------------------------------------------------------------
-    def create(self, uid: str, dataset: Dataset, calling_ae: str) -> Outcome:
-        """N-CREATE: a new SCHEDULED workitem, which is also a new worklist item."""
+    def create(self, uid: str, dataset: Dataset, calling_ae: str, host: str = "") -> Outcome:
+        """N-CREATE: a new SCHEDULED workitem, which is also a new worklist item. ``calling_ae`` at
+        ``host`` is the requestor of the audit records."""
         absent, empty = missing(dataset, CREATE_TYPE_1)
         if absent:
             return failure(MISSING_ATTRIBUTE, f"missing: {', '.join(absent)}", tuple(tag(k) for k in absent))
@@ -182,15 +190,18 @@ class UpsService(TransactionalService):
             attributes = to_json(dataset)
         except Exception as exc:
             return failure(PROCESSING_FAILURE, f"attribute list cannot be stored: {type(exc).__name__}")
-        return self.in_transaction(lambda db: self._create(db, uid, dataset, attributes, calling_ae), "ups.create")
+        return self.in_transaction(lambda db: self._create(db, uid, dataset, attributes, calling_ae, host),
+                                   "ups.create")
 
     def _create(self, db: Connection, uid: str, dataset: Dataset, attributes: JsonDataset,
-                calling_ae: str) -> Outcome:
+                calling_ae: str, host: str = "") -> Outcome:
         if db.execute(select(STEPS.c.id).where(STEPS.c.ups_instance_uid == uid)).first() is not None:
             return failure(DUPLICATE_SOP_INSTANCE, "a UPS with this SOP Instance UID exists")
         cause = Cause(f"UPS {uid} N-CREATE by {calling_ae}", event_kind="ups", event_ref=uid)
         # The step gets the SCU's UID below and is announced under it there, not by place_order.
-        worklist = WorklistService(db, self.clock, procedures=self.procedures, announce_new_steps=False)
+        audit = self.change_audit(self.dicom_source(calling_ae, host))
+        worklist = WorklistService(db, self.clock, procedures=self.procedures, announce_new_steps=False,
+                                   audit=audit)  # the Order Record (C)
         patient, order = self._records(uid, dataset)
         try:
             worklist.place_order(patient, order, calling_ae, cause)
@@ -214,6 +225,8 @@ class UpsService(TransactionalService):
         assigned = _assignment(attributes)
         if assigned:
             notify.notify(db, targets, uid, notify.ASSIGNED, assigned, now)
+        if audit is not None:
+            audit.procedure(db, "C", step_subject(step, uid), f"UPS {UpsState.SCHEDULED}", now)
         log.info("ups.created", sop_instance_uid=uid, step_pk=step_pk, calling_ae=calling_ae)
         return Outcome(SUCCESS)
 
@@ -264,16 +277,18 @@ class UpsService(TransactionalService):
         return patient, order
 
     # --- N-SET -------------------------------------------------------------------------------------
-    def set(self, uid: str, dataset: Dataset, calling_ae: str) -> Outcome:
+    def set(self, uid: str, dataset: Dataset, calling_ae: str, host: str = "") -> Outcome:
         """N-SET: change UPS attributes (never the state); a progress change is a Progress Report, a new
         station or performer an Assigned event."""
         try:
             modification = to_json(dataset)
         except Exception as exc:
             return failure(PROCESSING_FAILURE, f"modification list cannot be stored: {type(exc).__name__}")
-        return self.in_transaction(lambda db: self._set(db, uid, dataset, modification, calling_ae), "ups.set")
+        return self.in_transaction(lambda db: self._set(db, uid, dataset, modification, calling_ae, host),
+                                   "ups.set")
 
-    def _set(self, db: Connection, uid: str, dataset: Dataset, modification: JsonDataset, calling_ae: str) -> Outcome:
+    def _set(self, db: Connection, uid: str, dataset: Dataset, modification: JsonDataset, calling_ae: str,
+             host: str = "") -> Outcome:
         step = self._step(db, uid, lock=True)
         current = ups_state(step.sps_status) if step is not None else None
         verdict = decide_set(current, text(dataset, "TransactionUID"), step.transaction_uid or "" if step else "")
@@ -304,6 +319,7 @@ class UpsService(TransactionalService):
             if targets is None:
                 targets = notify.subscribers_of(db, uid, step.created_at, lambda: self._view(step))
             notify.notify(db, targets, uid, notify.ASSIGNED, assigned, now)
+        self._audit(db, calling_ae, host, step, f"UPS attributes updated ({len(changes)})", now)
         log.info("ups.set", sop_instance_uid=uid, calling_ae=calling_ae, attributes=len(changes))
         return Outcome(SUCCESS)
 
@@ -317,12 +333,19 @@ class UpsService(TransactionalService):
             db.execute(update(WORKITEMS).where(WORKITEMS.c.step_fk == step.id).values(
                 attributes=attributes, updated_at=now, **values))
 
+    def _audit(self, db: Connection, calling_ae: str, host: str, step: Row[Any], description: str,
+               now: datetime) -> None:
+        """The Procedure Record (U) of a change to a workitem, when changes are recorded."""
+        audit: ChangeAudit | None = self.change_audit(self.dicom_source(calling_ae, host))
+        if audit is not None:
+            audit.procedure(db, "U", step_subject(step, step.ups_instance_uid), description, now)
+
     # --- N-ACTION ----------------------------------------------------------------------------------
-    def action(self, uid: str, action_type: int, dataset: Dataset, calling_ae: str) -> Outcome:
+    def action(self, uid: str, action_type: int, dataset: Dataset, calling_ae: str, host: str = "") -> Outcome:
         """N-ACTION types 1-5 (change state, request cancel, subscribe, unsubscribe, suspend)."""
         handlers: dict[int, Callable[[Connection], Outcome]] = {
-            CHANGE_STATE: lambda db: self._change_state(db, uid, dataset, calling_ae),
-            REQUEST_CANCEL_ACTION: lambda db: self._request_cancel(db, uid, dataset, calling_ae),
+            CHANGE_STATE: lambda db: self._change_state(db, uid, dataset, calling_ae, host),
+            REQUEST_CANCEL_ACTION: lambda db: self._request_cancel(db, uid, dataset, calling_ae, host),
             SUBSCRIBE: lambda db: self._subscribe(db, uid, dataset, calling_ae),
             UNSUBSCRIBE: lambda db: self._unsubscribe(db, uid, dataset, calling_ae),
             SUSPEND_GLOBAL: lambda db: self._suspend(db, uid, dataset, calling_ae),
@@ -335,7 +358,7 @@ class UpsService(TransactionalService):
                  status=hex(outcome.status))
         return outcome
 
-    def _change_state(self, db: Connection, uid: str, dataset: Dataset, calling_ae: str) -> Outcome:
+    def _change_state(self, db: Connection, uid: str, dataset: Dataset, calling_ae: str, host: str = "") -> Outcome:
         if "ProcedureStepState" not in dataset or not text(dataset, "ProcedureStepState"):
             return failure(MISSING_ATTRIBUTE, "missing: ProcedureStepState", (tag("ProcedureStepState"),))
         try:
@@ -365,9 +388,11 @@ class UpsService(TransactionalService):
         cause = Cause(f"UPS {uid} {target} by {calling_ae}", event_kind="ups", event_ref=uid)
         WorklistService(db, self.clock, procedures=self.procedures).set_step_status(
             step.id, step_status_for(target, current), cause)
+        self._audit(db, calling_ae, host, step, f"UPS {current} -> {target}", now)
         return Outcome(SUCCESS)
 
-    def _request_cancel(self, db: Connection, uid: str, dataset: Dataset, calling_ae: str) -> Outcome:
+    def _request_cancel(self, db: Connection, uid: str, dataset: Dataset, calling_ae: str,
+                        host: str = "") -> Outcome:
         step = self._step(db, uid, lock=True)
         if step is None:
             return ups_status(NO_SUCH_UPS)
@@ -384,6 +409,7 @@ class UpsService(TransactionalService):
             cause = Cause(f"UPS {uid} cancel requested by {calling_ae}", event_kind="ups", event_ref=uid)
             WorklistService(db, self.clock, procedures=self.procedures).set_step_status(
                 step.id, step_status_for(UpsState.CANCELED, current), cause)
+            self._audit(db, calling_ae, host, step, f"UPS {current} -> {UpsState.CANCELED} (cancel requested)", now)
             return Outcome(SUCCESS)
         # IN PROGRESS: the performer decides; it and the other subscribers are told (event type 2).
         targets = notify.subscribers_of(db, uid, step.created_at, lambda: self._view(step))

@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy import Engine, select
 
+from broker.audit.events import Source
 from broker.intake.service import Intake
 from broker.mapping.rules import load_mappings
 from broker.store.tables import InboundMessage, table_of
@@ -49,9 +50,11 @@ def new_control_id(prefix: str = "API") -> str:
     return f"{prefix}{uuid.uuid4().hex[:20 - len(prefix)].upper()}"
 
 
-def submit(intake: Intake, raw: bytes, sender: str, control_id: str, peer: str) -> Outcome:
-    """Hand ``raw`` to the intake (as the listener would) and read its archive row back."""
-    intake.handle(raw, peer[:100])
+def submit(intake: Intake, raw: bytes, sender: str, control_id: str, peer: str,
+           source: Source | None = None) -> Outcome:
+    """Hand ``raw`` to the intake (as the listener would) and read its archive row back. ``source``: who
+    asks, as the audit trail names them (the token's label and the client's address)."""
+    intake.handle(raw, peer[:100], source)
     with intake.engine.connect() as db:
         row = db.execute(select(MESSAGES.c.id, MESSAGES.c.status, MESSAGES.c.ack_code, MESSAGES.c.error)
                          .where(MESSAGES.c.sender == sender[:200], MESSAGES.c.control_id == control_id[:64])

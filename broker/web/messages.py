@@ -17,6 +17,7 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from pydantic import BaseModel, Field
 from sqlalchemy import func, select
 
+from broker.audit.events import Source
 from broker.mapping.charsets import UnknownCharset, message_charset
 from broker.web.auth import ReadAccess, WriteAccess
 from broker.web.intake_bridge import MESSAGES, archived_message, reload_mappings, submit
@@ -154,8 +155,11 @@ async def replay(request: Request, message_id: int, caller: WriteAccess) -> Repl
         control_id = f"{row.control_id}-R{int(earlier) + 1}"
         intake = state.intake()
         reload_mappings(intake, state.settings.mappings_dir)
+        # a replay is a Security Alert in the audit trail (see broker.intake.service)
+        source = Source(caller.label, request.client.host if request.client else "", "http",
+                        {"replay_of": str(message_id)})
         outcome = submit(intake, _with_control_id(bytes(row.raw), control_id), row.sender, control_id,
-                         f"{REPLAY_PEER}{message_id} by {caller.label}")
+                         f"{REPLAY_PEER}{message_id} by {caller.label}", source)
         log.info("web.message_replayed", message_id=message_id, replay_id=outcome.message_id,
                  control_id=control_id, outcome=outcome.status, token=caller.label)
         return Replayed(message_id=outcome.message_id, control_id=control_id, status=outcome.status,

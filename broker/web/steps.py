@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 
+from broker.audit.events import Source
 from broker.hl7.message import escape
 from broker.mapping.transforms import xpn_field
 from broker.web.auth import Caller, WriteAccess
@@ -177,7 +178,8 @@ def _refuse(status: int, field: str, text: str, code: str = "", message_id: int 
 def _apply(request: Request, control: str, body: StepIn, caller: Caller, success: int) -> Any:
     control_id = new_control_id()
     raw = order_message(control, body, control_id, datetime.now())
-    outcome = submit(request.app.state.intake(), raw, SENDER, control_id, f"http {caller.label}")
+    source = Source(caller.label, request.client.host if request.client else "", "http")
+    outcome = submit(request.app.state.intake(), raw, SENDER, control_id, f"http {caller.label}", source)
     log.info("web.order_control", order_control=control, message_id=outcome.message_id, outcome=outcome.status,
              token=caller.label)
     if not outcome.accepted:

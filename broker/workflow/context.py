@@ -15,7 +15,10 @@ import structlog
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
+from broker.audit.events import Participant, Source
+from broker.audit.trail import broker_participant
 from broker.config import Settings
+from broker.domain.auditing import ChangeAudit
 from broker.domain.procedure_tracker import ProcedureTracker
 from broker.outbox import outbox
 from broker.workflow.outcome import DUPLICATE_SOP_INSTANCE, PROCESSING_FAILURE, Outcome, failure
@@ -32,12 +35,15 @@ class WorkflowConfig:
     forward_aes: tuple[str, ...] = ()
     uid_root: str = ""
     stgcmt_timeout: float = 3600.0
+    audit: bool = False  # the changes are recorded in the audit trail (setting audit_enabled)
+    ae_title: str = "BROKER"  # the broker's AE title, as the audit records name it
 
     @classmethod
     def from_settings(cls, settings: Settings) -> WorkflowConfig:
         return cls(ris_transitions=settings.ris_transitions if settings.ris_address else frozenset(),
                    archive_ae=settings.stgcmt_archive_ae, forward_aes=tuple(settings.mpps_forward_targets),
-                   uid_root=settings.uid_root, stgcmt_timeout=settings.stgcmt_timeout)
+                   uid_root=settings.uid_root, stgcmt_timeout=settings.stgcmt_timeout,
+                   audit=settings.audit_enabled, ae_title=settings.ae_title)
 
 
 def _no_wake() -> None:
@@ -54,6 +60,20 @@ class TransactionalService:
         self.wake = wake or _no_wake
         self.clock = clock
         self.procedures = ProcedureTracker(self.config.ris_transitions, clock)
+        self._broker: Participant | None = None
+
+    def change_audit(self, source: Source) -> ChangeAudit | None:
+        """The audit of changes asked for by ``source`` (None when the changes are not recorded)."""
+        if not self.config.audit:
+            return None
+        if self._broker is None:  # made once: the broker's host name and process do not change
+            self._broker = broker_participant(self.config.ae_title)
+        return ChangeAudit(source, self._broker)
+
+    @staticmethod
+    def dicom_source(calling_ae: str, host: str) -> Source:
+        """A DICOM requestor: its calling AE title at its address."""
+        return Source(calling_ae, host, "dicom")
 
     def in_transaction(self, work: Callable[[Connection], Outcome], what: str) -> Outcome:
         """Run ``work`` in one transaction; commit only a success (a failure outcome rolls back).
