@@ -14,7 +14,8 @@ import structlog
 
 from broker.config import Settings, StartupError
 from broker.dicom import processes
-from broker.dicom.server import AssociationCount, DicomServer
+from broker.dicom.listeners import DicomListeners, DicomPortUnavailable
+from broker.dicom.server import AssociationCount
 from broker.events.wiring import EventPath
 from broker.hl7.mllp import MLLPServer
 from broker.intake.build import build_intake
@@ -59,19 +60,23 @@ async def serve(settings: Settings) -> None:
     events = EventPath.start(settings, make_engine(settings.database_url, pool_size=10))
     several = settings.dicom_processes > 1
     count = processes.shared_count() if several else None
-    dicom = DicomServer(settings, make_engine(settings.database_url, pool_size=10, for_reading=True),
-                        workflow=events.workflow, count=AssociationCount(count), reuse_port=several)
+    # The plain and the TLS DICOM port (each 0 = none) share one association count.
     try:
+        dicom = DicomListeners(settings, make_engine(settings.database_url, pool_size=10, for_reading=True),
+                               workflow=events.workflow, count=AssociationCount(count), reuse_port=several)
         dicom.start()
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         await server.stop()
         await asyncio.to_thread(events.stop)
         if intake_processes is not None:
             await asyncio.to_thread(intake_processes.stop)
-        raise StartupError(f"cannot listen on DICOM port {settings.dicom_port}: {exc.strerror}") from exc
+        if isinstance(exc, DicomPortUnavailable):
+            raise StartupError(f"cannot listen on DICOM port {exc.port}: {exc.strerror}") from exc
+        raise StartupError(f"cannot set up TLS for the DICOM port: {exc}") from exc
     acceptors = processes.start_acceptors(settings, count, settings.dicom_processes - 1) if several else []
     web = await start_with_broker(settings)
-    log.info("broker.started", hl7_port=server.port, dicom_port=dicom.port, hl7_processes=settings.hl7_processes,
+    log.info("broker.started", hl7_port=server.port, dicom_port=dicom.plain_port,
+             dicom_tls_port=dicom.tls_port, hl7_processes=settings.hl7_processes,
              dicom_processes=settings.dicom_processes,
              ae_title=settings.ae_title,
              database=_safe_url(settings.database_url), queue="redis" if settings.redis_url else "embedded")

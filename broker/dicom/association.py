@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import select
 import socket
+import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -34,6 +35,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ImplicitVRLittleEndian
 
 from broker.dicom import dimse, pdu
+from broker.dicom.access import PLAIN, Channel
 from broker.dicom.transport import quickack
 from broker.dicom.wellformed import MalformedDataSet
 from broker.dicom_json import JsonDataset
@@ -96,6 +98,8 @@ class Request:
         self.peer = peer
         self.context = context
         self.command = message.command
+        self.data_set_bytes = message.data_set or b""
+        """The data set as it came on the wire (what an audit record of a query keeps)."""
         self._data_set = data_set
         self._is_cancelled = is_cancelled
 
@@ -171,7 +175,7 @@ class AssociationHost(Protocol):
     max_message_bytes: int
     quickack: bool
 
-    def admit(self, request: pdu.AssociateRequest, address: str) -> Reject | None:
+    def admit(self, request: pdu.AssociateRequest, address: str, channel: Channel) -> Reject | None:
         """None to accept, or the A-ASSOCIATE-RJ to send (the host logs why)."""
 
     def leave(self) -> None:
@@ -183,12 +187,20 @@ class _Closed(Exception):
 
 
 class Association:
-    """Serves one TCP connection; :meth:`run` returns when the association is over."""
+    """Serves one TCP connection; :meth:`run` returns when the association is over.
 
-    def __init__(self, sock: socket.socket, address: tuple[str, int], host: AssociationHost) -> None:
+    ``sock`` may be an :class:`ssl.SSLSocket` whose handshake is done (``channel`` then says so and
+    names the client's certificate): reads, writes and timeouts are the same calls; only looking for
+    a waiting C-CANCEL must first ask the TLS layer, which may hold decrypted bytes the kernel no
+    longer shows as readable.
+    """
+
+    def __init__(self, sock: socket.socket, address: tuple[str, int], host: AssociationHost,
+                 channel: Channel = PLAIN) -> None:
         self.sock = sock
         self.address = address
         self.host = host
+        self.channel = channel
         self.peer = Peer("", "", address[0], address[1])
         self.contexts: dict[int, AcceptedContext] = {}
         self.peer_maximum_length = 0
@@ -231,8 +243,7 @@ class Association:
             self._abort(pdu.REASON_NOT_SPECIFIED)
         finally:
             self._leave()
-            with contextlib.suppress(OSError):
-                self.sock.close()
+            _close(self.sock)
             structlog.contextvars.unbind_contextvars("peer", "calling_ae")
 
     def _negotiate(self) -> bool:
@@ -251,7 +262,7 @@ class Association:
         elif request.application_context_name != pdu.DICOM_APPLICATION_CONTEXT:
             reject = REJECT_APPLICATION_CONTEXT_NOT_SUPPORTED
         else:
-            reject = self.host.admit(request, self.address[0])
+            reject = self.host.admit(request, self.address[0], self.channel)
             if reject is None and not any(r.result == pdu.ACCEPTANCE for r in results):
                 # Admitted (the allow-list says who it is) but nothing to serve: out of the count again.
                 self.host.leave()
@@ -386,6 +397,8 @@ class Association:
     def _readable(self) -> bool:
         if len(self._received) >= pdu.PDU_HEADER_LENGTH:
             return True
+        if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():  # decrypted, not yet read
+            return True
         readable, _, _ = select.select([self.sock], [], [], 0)
         return bool(readable)
 
@@ -509,6 +522,17 @@ _DATA_SET_NAMES = {dimse.C_FIND_RQ: "identifier", dimse.N_CREATE_RQ: "attribute 
                    dimse.N_EVENT_REPORT_RQ: "event information"}
 _NORMALIZED_REQUESTS = frozenset({dimse.N_EVENT_REPORT_RQ, dimse.N_GET_RQ, dimse.N_SET_RQ, dimse.N_ACTION_RQ,
                                   dimse.N_CREATE_RQ, dimse.N_DELETE_RQ})
+
+
+def _close(sock: socket.socket) -> None:
+    """Close the connection; on TLS, send close_notify first without waiting for the peer's (the
+    socket is made non-blocking, so ``unwrap`` returns, or raises, at once)."""
+    if isinstance(sock, ssl.SSLSocket):
+        with contextlib.suppress(OSError, ValueError):
+            sock.settimeout(0)
+            sock.unwrap()
+    with contextlib.suppress(OSError):
+        sock.close()
 
 
 def _checked(responses: Iterable[Response]) -> Iterator[Response]:

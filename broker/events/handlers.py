@@ -40,11 +40,12 @@ def build_handlers(settings: Settings, engine: Engine,
     sender = (RisStatusSender(address[0], address[1], settings.ris_status_message_type,
                               settings.ris_hl7_ack_timeout) if address else None)
     peers = settings.peers
+    peer_tls = dicom_peers.PeerTls(settings)  # the peers of dicom_tls_peers are reached over TLS
     results = commitment or CommitmentService(engine, WorkflowConfig.from_settings(settings))
 
     def send_and_wait(message: dicom_peers.CommitmentRequestMessage) -> None:
         dicom_peers.send_commitment_request(message, commitment=results, report_wait=settings.stgcmt_report_wait,
-                                            timeout=settings.dicom_dimse_timeout)
+                                            timeout=settings.dicom_dimse_timeout, tls=peer_tls)
 
     commit = send_commitment or send_and_wait
 
@@ -59,7 +60,7 @@ def build_handlers(settings: Settings, engine: Engine,
             raise ConfigurationMissing(f"{target} is not in BROKER_DICOM_PEERS")
         dicom_peers.forward_mpps(settings.ae_title, peers[target], event.payload["operation"],
                                  event.payload["sop_instance_uid"], event.payload["dataset"],
-                                 settings.dicom_dimse_timeout)
+                                 settings.dicom_dimse_timeout, peer_tls)
 
     def stgcmt_request(event: Event) -> None:
         transaction_uid = event.payload["transaction_uid"]

@@ -2,10 +2,16 @@
 
 One association per event: forwards are rare compared to the modality's traffic, and a fresh
 association after every failure is what a retry needs anyway.
+
+Peers named in ``dicom_tls_peers`` are reached over TLS (:class:`PeerTls`): the peer's certificate is
+verified against the CA bundle (and its host name, with ``tls_check_hostname``), and the broker shows
+its own, so a peer requiring mutual TLS accepts it. A peer whose certificate is not accepted fails the
+delivery like a peer that is down: the event is retried.
 """
 
 from __future__ import annotations
 
+import ssl
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -20,11 +26,12 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from pynetdicom.status import code_to_category
 
-from broker.config import Peer
+from broker.config import Peer, Settings
 from broker.dicom.statuses import status_dataset
 from broker.dicom.stgcmt_scp import answer_report
 from broker.outbound.requestor_responses import keep_responses_for_the_caller
 from broker.stgcmt.service import CommitmentService
+from broker.tls import client_context
 from broker.workflow.outcome import PROCESSING_FAILURE, Outcome, failure
 
 log = structlog.get_logger(__name__)
@@ -42,17 +49,46 @@ class PeerFailure(Exception):
     """The peer could not be reached or answered with a failure: the event is retried."""
 
 
+class PeerTls:
+    """Which peers the broker reaches over TLS (``dicom_tls_peers``), with the process's client context."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.peers = settings.tls_peers
+        # Built now, when the handlers are: a CA bundle that cannot be read fails at once, not per event.
+        self.context = client_context(settings) if self.peers else None
+
+    def context_for(self, peer: Peer) -> ssl.SSLContext | None:
+        """The context to reach ``peer`` with, None for a plain connection."""
+        return self.context if peer.ae_title in self.peers else None
+
+    def tls_args(self, peer: Peer) -> tuple[ssl.SSLContext, str] | None:
+        """pynetdicom's ``tls_args`` for ``peer`` (the host name it is checked against), or None."""
+        context = self.context_for(peer)
+        return (context, peer.host) if context is not None else None
+
+
+def _tls_args(tls: PeerTls | None, peer: Peer) -> tuple[ssl.SSLContext, str] | None:
+    """None (plain) without ``tls``, which is every sender's default."""
+    return tls.tls_args(peer) if tls is not None else None
+
+
+def _over(tls: PeerTls | None, peer: Peer) -> str:
+    """" over TLS" for a TLS peer: pynetdicom logs a refused handshake but reports no association only,
+    so the event's error at least says where to look (a certificate, not a peer that is down)."""
+    return " over TLS (handshake or association refused)" if _tls_args(tls, peer) is not None else ""
+
+
 def forward_mpps(calling_ae: str, peer: Peer, operation: str, sop_instance_uid: str, dataset_json: dict[str, Any],
-                 timeout: float = 30.0) -> None:
-    """Send one MPPS N-CREATE or N-SET to ``peer``. A 0x0111 answer to a repeated N-CREATE counts as
-    delivered (the first attempt reached the peer, its response was lost)."""
+                 timeout: float = 30.0, tls: PeerTls | None = None) -> None:
+    """Send one MPPS N-CREATE or N-SET to ``peer`` (over TLS when ``tls`` says so). A 0x0111 answer to a
+    repeated N-CREATE counts as delivered (the first attempt reached the peer, its response was lost)."""
     keep_responses_for_the_caller()
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.add_requested_context(ModalityPerformedProcedureStep)
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=_tls_args(tls, peer))
     if not assoc.is_established:
-        raise PeerFailure(f"no association with {peer.ae_title}@{peer.host}:{peer.port}")
+        raise PeerFailure(f"no association with {peer.ae_title}@{peer.host}:{peer.port}{_over(tls, peer)}")
     try:
         dataset = Dataset.from_json(dataset_json)
         if operation == "N-CREATE":
@@ -80,7 +116,8 @@ class CommitmentRequestMessage:
 
 
 def send_commitment_request(request: CommitmentRequestMessage, *, commitment: CommitmentService | None = None,
-                            report_wait: float = 5.0, timeout: float = 30.0) -> None:
+                            report_wait: float = 5.0, timeout: float = 30.0,
+                            tls: PeerTls | None = None) -> None:
     """Send the N-ACTION (Request Storage Commitment, action type 1) to the archive and keep the
     association open up to ``report_wait`` seconds for its N-EVENT-REPORT on it.
 
@@ -90,8 +127,9 @@ def send_commitment_request(request: CommitmentRequestMessage, *, commitment: Co
     without one the association is released and the request stays PENDING: the archive reports on an
     association it opens (the broker's DICOM server takes it) or the timeout sweep fails it.
 
-    Raises :class:`PeerFailure` when there is no association, the archive does not accept the class,
-    or its N-ACTION answer is missing or a failure: the event is retried with backoff.
+    Raises :class:`PeerFailure` when there is no association (a TLS peer whose certificate is refused
+    included), the archive does not accept the class, or its N-ACTION answer is missing or a failure:
+    the event is retried with backoff.
     """
     archive = request.archive
     recorded = threading.Event()  # the report of this transaction is recorded ...
@@ -119,11 +157,12 @@ def send_commitment_request(request: CommitmentRequestMessage, *, commitment: Co
     ae = AE(ae_title=request.calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.add_requested_context(StorageCommitmentPushModel, TRANSFER_SYNTAXES)
-    assoc = ae.associate(archive.host, archive.port, ae_title=archive.ae_title,
+    assoc = ae.associate(archive.host, archive.port, ae_title=archive.ae_title, tls_args=_tls_args(tls, archive),
                          ext_neg=[build_role(StorageCommitmentPushModel, scu_role=True, scp_role=True)],
                          evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report), (evt.EVT_DIMSE_SENT, on_sent)])
     if not assoc.is_established:
-        raise PeerFailure(f"no association with {archive.ae_title}@{archive.host}:{archive.port}")
+        raise PeerFailure(f"no association with {archive.ae_title}@{archive.host}:{archive.port}"
+                          f"{_over(tls, archive)}")
     try:
         if not any(cx.abstract_syntax == StorageCommitmentPushModel for cx in assoc.accepted_contexts):
             raise PeerFailure(f"{archive.ae_title} does not accept the Storage Commitment Push Model")

@@ -7,12 +7,16 @@ each on its subscriber's association, and then, in order, each subscriber's othe
 for every other worker, so taking them here keeps the order and spares a task per event. A subscriber
 that is down fails fast (connection refused) and only its own key waits for the retry with backoff;
 the others' events go on.
+
+A subscriber in ``dicom_tls_peers`` is reached over TLS (:class:`~broker.outbound.dicom_peers.PeerTls`),
+its certificate verified; one whose certificate is not accepted fails like one that is down.
 """
 
 from __future__ import annotations
 
 import itertools
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -26,10 +30,11 @@ from sqlalchemy import Engine, bindparam, delete, select
 
 from broker.config import Peer, Settings
 from broker.dicom import dimse, pdu
-from broker.outbound.dicom_peers import PeerFailure
+from broker.outbound.dicom_peers import PeerFailure, PeerTls
 from broker.outbox.outbox import OUTBOX
 from broker.outbox.runner import Event
 from broker.store.session import make_engine
+from broker.tls import handshake_failure
 
 log = structlog.get_logger(__name__)
 
@@ -94,6 +99,7 @@ def build_ups_event_handler(settings: Settings, engine: Engine,
     peers = settings.peers
     readers: list[Engine] = []  # made on first use: most processes never deliver a UPS event
     pool = AssociationPool()
+    tls = PeerTls(settings)
 
     def ups_events(events: list[Event]) -> Failures:
         failures: Failures = {}
@@ -109,7 +115,7 @@ def build_ups_event_handler(settings: Settings, engine: Engine,
             readers.append(make_engine(settings.database_url, pool_size=4, for_reading=True))
         delivery = deliver_many(settings.ae_title, batch, engine, settings.dicom_dimse_timeout, clock,
                                 drain_seconds=min(DRAIN_SECONDS, settings.event_lease_seconds / 4),
-                                reader=readers[0], pool=pool)
+                                reader=readers[0], pool=pool, tls=tls)
         failures.update(delivery.failures)
         return failures
 
@@ -143,9 +149,11 @@ class _Exchange:
         self.payload, self.association, self.reused = payload, association, reused
 
 
-def _open_and_request(calling_ae: str, peer: Peer, payload: dict[str, Any], timeout: float) -> EventAssociation:
+def _open_and_request(calling_ae: str, peer: Peer, payload: dict[str, Any], timeout: float,
+                      tls: PeerTls | None) -> EventAssociation:
     """A new association to ``peer`` with the request of ``payload`` sent on it (closed if that fails)."""
-    association = EventAssociation(calling_ae, peer, timeout).open()
+    association = EventAssociation(calling_ae, peer, timeout,
+                                   tls.context_for(peer) if tls is not None else None).open()
     try:
         association.request(payload)
     except BaseException:
@@ -155,7 +163,7 @@ def _open_and_request(calling_ae: str, peer: Peer, payload: dict[str, Any], time
 
 
 def _start(calling_ae: str, peer: Peer, payload: dict[str, Any], timeout: float,
-           pool: AssociationPool | None) -> _Exchange:
+           pool: AssociationPool | None, tls: PeerTls | None) -> _Exchange:
     """Send the request on the subscriber's kept association, or on a new one (raises when neither works)."""
     association = pool.take(peer) if pool is not None else None
     if association is not None:
@@ -164,10 +172,10 @@ def _start(calling_ae: str, peer: Peer, payload: dict[str, Any], timeout: float,
             return _Exchange(payload, association, reused=True)
         except (OSError, PeerFailure):  # the kept association went stale (the subscriber closed it)
             association.close(release=False)
-    return _Exchange(payload, _open_and_request(calling_ae, peer, payload, timeout), reused=False)
+    return _Exchange(payload, _open_and_request(calling_ae, peer, payload, timeout, tls), reused=False)
 
 
-def _finish(calling_ae: str, exchange: _Exchange, timeout: float) -> EventAssociation:
+def _finish(calling_ae: str, exchange: _Exchange, timeout: float, tls: PeerTls | None) -> EventAssociation:
     """Read the response; a kept association that turns out stale is replaced and the report sent again."""
     try:
         exchange.association.response(exchange.payload)
@@ -176,7 +184,7 @@ def _finish(calling_ae: str, exchange: _Exchange, timeout: float) -> EventAssoci
         exchange.association.close(release=False)
         if not exchange.reused:
             raise
-    association = _open_and_request(calling_ae, exchange.association.peer, exchange.payload, timeout)
+    association = _open_and_request(calling_ae, exchange.association.peer, exchange.payload, timeout, tls)
     try:
         association.response(exchange.payload)
     except BaseException:
@@ -188,6 +196,8 @@ def _finish(calling_ae: str, exchange: _Exchange, timeout: float) -> EventAssoci
 def _as_failure(peer: Peer, exc: BaseException) -> Exception:
     if isinstance(exc, PeerFailure):
         return exc
+    if isinstance(exc, ssl.SSLError):
+        return PeerFailure(f"{peer.ae_title}@{peer.host}:{peer.port}: TLS: {handshake_failure(exc)}")
     if isinstance(exc, OSError):
         return PeerFailure(f"{peer.ae_title}@{peer.host}:{peer.port}: {exc.strerror or exc}")
     raise exc
@@ -195,7 +205,8 @@ def _as_failure(peer: Peer, exc: BaseException) -> Exception:
 
 def deliver_many(calling_ae: str, batch: list[tuple[Peer, Event]], engine: Engine, timeout: float = 30.0,
                  clock: Callable[[], datetime] = datetime.now, drain_seconds: float = 5.0,
-                 reader: Engine | None = None, pool: AssociationPool | None = None) -> Delivery:
+                 reader: Engine | None = None, pool: AssociationPool | None = None,
+                 tls: PeerTls | None = None) -> Delivery:
     """Send each event of ``batch`` (the heads of their subscribers' keys, one per subscriber) and then
     the subscribers' due followers, for up to ``drain_seconds`` (kept well inside the claim's lease).
 
@@ -221,12 +232,12 @@ def deliver_many(calling_ae: str, batch: list[tuple[Peer, Event]], engine: Engin
     try:
         for peer, event in batch:
             try:
-                exchanges.append((event, _start(calling_ae, peer, event.payload, timeout, pool)))
+                exchanges.append((event, _start(calling_ae, peer, event.payload, timeout, pool, tls)))
             except (OSError, PeerFailure) as exc:
                 delivery.failures[event.id] = _as_failure(peer, exc)
         for event, exchange in exchanges:
             try:
-                open_by_key[event.ordering_key] = _finish(calling_ae, exchange, timeout)
+                open_by_key[event.ordering_key] = _finish(calling_ae, exchange, timeout, tls)
             except (OSError, PeerFailure) as exc:
                 delivery.failures[event.id] = _as_failure(exchange.association.peer, exc)
         while open_by_key and time.monotonic() < deadline:
@@ -310,10 +321,10 @@ def _forget_earlier_done(engine: Engine, heads: list[Event]) -> None:
 
 def deliver(calling_ae: str, peer: Peer, event: Event, engine: Engine, timeout: float = 30.0,
             clock: Callable[[], datetime] = datetime.now, drain_seconds: float = 5.0,
-            reader: Engine | None = None, pool: AssociationPool | None = None) -> int:
+            reader: Engine | None = None, pool: AssociationPool | None = None, tls: PeerTls | None = None) -> int:
     """:func:`deliver_many` for one event; returns how many reports went out (the event and its
     followers), or raises :class:`PeerFailure` when ``event`` itself was not delivered."""
-    delivery = deliver_many(calling_ae, [(peer, event)], engine, timeout, clock, drain_seconds, reader, pool)
+    delivery = deliver_many(calling_ae, [(peer, event)], engine, timeout, clock, drain_seconds, reader, pool, tls)
     if event.id in delivery.failures:
         raise delivery.failures[event.id]
     return 1 + delivery.followers
@@ -327,10 +338,11 @@ class EventAssociation:
     100 subscribers x 1,000 changes is 100,000 messages, so the broker speaks the little it needs itself.
     """
 
-    def __init__(self, calling_ae: str, peer: Peer, timeout: float) -> None:
+    def __init__(self, calling_ae: str, peer: Peer, timeout: float, tls: ssl.SSLContext | None = None) -> None:
         self.calling_ae = calling_ae
         self.peer = peer
         self.timeout = timeout
+        self.tls = tls
         self.sock: socket.socket | None = None
         self.message_id = 0
         self.implicit = False
@@ -350,8 +362,14 @@ class EventAssociation:
 
     def __enter__(self) -> EventAssociation:
         sock = socket.create_connection((self.peer.host, self.peer.port), timeout=min(self.timeout, 10.0))
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.tls is not None:  # the handshake, within the connect timeout, verifies the subscriber
+                sock = self.tls.wrap_socket(sock, server_hostname=self.peer.host)
+        except BaseException:
+            sock.close()
+            raise
         sock.settimeout(self.timeout)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = sock
         try:
             self._associate()
