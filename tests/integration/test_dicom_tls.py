@@ -10,7 +10,7 @@ port, and real clients (DCMTK ``echoscu`` / ``findscu`` with ``+tls``, pynetdico
   that certificate: A-ASSOCIATE-RJ (1, 1, 3) otherwise, on the plain port too.
 * Outbound: UPS event reports and Storage Commitment requests reach a peer of ``dicom_tls_peers`` over
   mutual TLS; a peer whose certificate is not trusted gets nothing, and the event is retried.
-* With ``dicom_processes`` = 2 both processes serve the TLS port.
+* With ``dicom_processes`` = 2 and no plain port (TLS only) both processes serve the TLS port.
 
 The TLS listener does not care which database is behind it: the brokers here run on SQLite.
 """
@@ -320,13 +320,14 @@ def test_dcmtk_with_a_bound_title_and_its_certificate(broker: TlsBroker) -> None
 
 
 # --- several acceptor processes ----------------------------------------------------------------------
-def test_two_acceptor_processes_both_serve_tls(pki: Pki, tmp_path: Path) -> None:
-    dicom_port, tls_port = free_port(), free_port()
+def test_two_acceptor_processes_both_serve_tls_only(pki: Pki, tmp_path: Path) -> None:
+    """TLS only (no plain DICOM port), served by both acceptor processes."""
+    tls_port = free_port()
     env = env_for(f"sqlite:///{tmp_path / 'broker.db'}", BROKER_HL7_PORT=str(free_port()),
-                  BROKER_DICOM_HOST="127.0.0.1", BROKER_DICOM_PORT=str(dicom_port),
+                  BROKER_DICOM_HOST="127.0.0.1", BROKER_DICOM_PORT="0",
                   BROKER_DICOM_TLS_PORT=str(tls_port), BROKER_DICOM_PROCESSES="2", BROKER_HTTP_PORT="0",
                   **pki.broker_env())
-    with broker_run(env, dicom_port, tls_port, stderr=subprocess.DEVNULL):
+    with broker_run(env, tls_port, stderr=subprocess.DEVNULL):
         deadline = time.monotonic() + 30
         while len(listeners(tls_port)) < 2 and time.monotonic() < deadline:  # the second one imports first
             time.sleep(0.2)
