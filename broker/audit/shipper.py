@@ -1,0 +1,168 @@
+"""Delivers the audit outbox to the Audit Record Repository, and deletes records past their retention.
+
+One thread in ``broker run``. It reads undelivered ``audit_records`` lowest ``id`` first, writes each
+as a DICOM audit message in an RFC 5424 syslog message, sends a batch over one persistent TLS
+connection (RFC 5425) or as datagrams (RFC 5426), and only then marks the batch delivered. A failed
+send is retried after a back-off that doubles up to ``audit_retry_max`` seconds, for ever: a record is
+never given up, and nothing later is sent before it (order is kept).
+
+Delivery is at least once: when the connection breaks during or right after a send, the batch is sent
+again, so the repository may receive a record twice (same content, same EventDateTime). Over UDP
+nothing tells whether a datagram arrived; a record is delivered once handed to the network.
+
+With ``audit_repository`` empty nothing is sent; the records stay in the database (``broker audit``,
+``GET /api/audit``) until their retention ends.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from datetime import datetime, timedelta
+
+import structlog
+from sqlalchemy import Engine, delete, func, select, update
+
+from broker.audit.events import SUCCESS
+from broker.audit.stored import from_json
+from broker.audit.syslog import MAX_DATAGRAM, TlsSender, UdpSender, message
+from broker.audit.xml import render
+from broker.config import Settings
+from broker.store.tables import AuditRecord, AuditRecordPatient, table_of
+from broker.tls import client_context
+
+log = structlog.get_logger(__name__)
+
+_records = table_of(AuditRecord)
+_patients = table_of(AuditRecordPatient)
+BATCH = 500
+IDLE_POLL = 0.25
+"""Seconds between looks at the outbox when it was empty."""
+RETENTION_EVERY = 3600.0
+"""Seconds between two retention passes (and one at start)."""
+
+
+def source_id(settings: Settings) -> str:
+    """AuditSourceID: the configured one, else ``<AE title>@<host name>``."""
+    return settings.audit_source_id or f"{settings.ae_title}@{socket.gethostname()}"
+
+
+def purge_expired(engine: Engine, retention_days: int, now: datetime) -> int:
+    """Delete records older than ``retention_days``, delivered or not; returns how many."""
+    cutoff = now - timedelta(days=retention_days)
+    old = select(_records.c.id).where(_records.c.recorded_at < cutoff)
+    with engine.begin() as db:
+        undelivered = db.execute(select(func.count()).select_from(_records).where(
+            _records.c.recorded_at < cutoff, _records.c.delivered_at.is_(None))).scalar_one()
+        db.execute(delete(_patients).where(_patients.c.record_id.in_(old)))
+        deleted = db.execute(delete(_records).where(_records.c.recorded_at < cutoff)).rowcount
+    if undelivered:
+        log.warning("audit.expired_undelivered", count=undelivered, retention_days=retention_days)
+    if deleted:
+        log.info("audit.expired", count=deleted, retention_days=retention_days)
+    return int(deleted or 0)
+
+
+class AuditShipper:
+    """Sends the undelivered records; :meth:`start` runs it in a thread until :meth:`stop`."""
+
+    def __init__(self, settings: Settings, engine: Engine) -> None:
+        self._settings = settings
+        self._engine = engine
+        self._destination = settings.audit_destination
+        self._source_id = source_id(settings)
+        self._hostname = socket.gethostname()
+        self._procid = str(os.getpid())
+        self._sender: TlsSender | UdpSender | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _connect(self) -> TlsSender | UdpSender:
+        if self._sender is None:
+            assert self._destination is not None
+            transport, host, port = self._destination
+            if transport == "tls":
+                self._sender = TlsSender(host, port, client_context(self._settings),
+                                         max(self._settings.tls_handshake_timeout, 1.0))
+            else:
+                self._sender = UdpSender(host, port)
+        return self._sender
+
+    def ship_once(self) -> int:
+        """Send one batch of undelivered records; returns how many were delivered (raises on failure)."""
+        if self._destination is None:
+            return 0
+        with self._engine.connect() as db:
+            rows = db.execute(select(_records.c.id, _records.c.recorded_at, _records.c.event)
+                              .where(_records.c.delivered_at.is_(None))
+                              .order_by(_records.c.id).limit(BATCH)).all()
+        if not rows:
+            return 0
+        frames = []
+        for row in rows:
+            event = from_json(row.event)
+            xml = render(event, source_id=self._source_id, site_id=self._settings.audit_enterprise_site_id,
+                         when=row.recorded_at)
+            frames.append(message(xml, when=row.recorded_at, hostname=self._hostname, app_name="broker",
+                                  procid=self._procid, failed=event.outcome != SUCCESS))
+        if self._destination[0] == "udp":
+            too_large = [row.id for row, frame in zip(rows, frames, strict=True) if len(frame) > MAX_DATAGRAM]
+            if too_large:
+                log.error("audit.datagram_too_large", record_ids=too_large, limit=MAX_DATAGRAM)
+                frames = [frame for frame in frames if len(frame) <= MAX_DATAGRAM]
+        ids = [row.id for row in rows]
+        try:
+            self._connect().send(frames)
+        except Exception:
+            with self._engine.begin() as db:
+                db.execute(update(_records).where(_records.c.id.in_(ids))
+                           .values(attempts=_records.c.attempts + 1))
+            raise
+        with self._engine.begin() as db:
+            db.execute(update(_records).where(_records.c.id.in_(ids))
+                       .values(delivered_at=datetime.now(), attempts=_records.c.attempts + 1))
+        return len(ids)
+
+    def run(self) -> None:
+        """Ship until :meth:`stop`, backing off after failures; purge expired records now and then."""
+        delay = 0.0
+        next_purge = 0.0
+        failures = 0
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now >= next_purge:
+                next_purge = now + RETENTION_EVERY
+                try:
+                    purge_expired(self._engine, self._settings.audit_retention_days, datetime.now())
+                except Exception as exc:  # the database is down: the next pass tries again
+                    log.warning("audit.purge_failed", error=type(exc).__name__)
+            try:
+                sent = self.ship_once()
+            except Exception as exc:  # repository or database unreachable: back off, retry for ever
+                failures += 1
+                delay = min(self._settings.audit_retry_max, max(delay * 2, 0.25))
+                log.warning("audit.delivery_failed", error=type(exc).__name__, reason=str(exc)[:200],
+                            attempt=failures, retry_in=delay)
+                self._stop.wait(delay)
+                continue
+            if failures:
+                log.info("audit.delivery_resumed", after_failures=failures)
+                failures, delay = 0, 0.0
+            if sent < BATCH:
+                self._stop.wait(IDLE_POLL)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name="audit-shipper", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop after the batch in flight (what is left is sent by the next start)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self._sender is not None:
+            self._sender.close()
+            self._sender = None
+
