@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import json
 import sys
+from datetime import datetime
 from pathlib import Path
 
 from broker import __version__
@@ -36,6 +37,17 @@ def _parser() -> argparse.ArgumentParser:
     procedure = commands.add_parser("procedure", help="a procedure's state and timeline")
     procedure.add_argument("accession", help="the Accession Number")
     procedure.add_argument("--json", action="store_true", help="print JSON")
+    audit = commands.add_parser("audit", help="search the audit trail (newest first)")
+    audit.add_argument("--since", type=_moment, help="recorded at or after (ISO date or date-time, local time)")
+    audit.add_argument("--until", type=_moment, help="recorded before (ISO date or date-time, local time)")
+    audit.add_argument("--patient", default="", help="Patient ID (with or without ^^^issuer)")
+    audit.add_argument("--user", default="", help="the requestor: AE title, application^facility, token <label>")
+    audit.add_argument("--event", default="", type=_event_name,
+                       help="application, order, patient, procedure, query, security, or an EventID code")
+    audit.add_argument("--limit", type=int, default=100)
+    audit_output = audit.add_mutually_exclusive_group()
+    audit_output.add_argument("--json", action="store_true", help="one JSON object per line")
+    audit_output.add_argument("--xml", action="store_true", help="print the DICOM audit messages")
     config = commands.add_parser("config", help="settings").add_subparsers(dest="config_command", required=True)
     config.add_parser("show", help="print the effective settings")
     return parser
@@ -96,6 +108,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"broker: no procedure with accession number {args.accession}", file=sys.stderr)
                 return 1
             print(report)
+        elif args.command == "audit":
+            from broker.audit.report import audit_report
+            from broker.store.session import make_engine
+
+            print(audit_report(make_engine(settings.database_url, pool_size=1), settings, since=args.since,
+                               until=args.until, patient=args.patient, user=args.user, event=args.event,
+                               limit=args.limit, output="json" if args.json else "xml" if args.xml else "table"))
         elif args.command == "config":
             print(json.dumps(settings.model_dump(mode="json"), indent=2))
     except (SettingsError, StartupError, MappingError) as exc:
@@ -106,6 +125,27 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     return 0
+
+
+def _event_name(text: str) -> str:
+    """An audit event name or EventID code, checked when the command line is read."""
+    from broker.audit.search import event_code
+
+    if not text:
+        return text
+    try:
+        event_code(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    return text
+
+
+def _moment(text: str) -> datetime:
+    """An ISO date or date-time given on the command line (local time)."""
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not an ISO date or date-time: {text!r}") from exc
 
 
 async def _run(settings: object) -> None:

@@ -70,9 +70,20 @@ def _row(event: AuditEvent, now: datetime) -> dict[str, Any]:
     }
 
 
+def _searchable_ids(patient_ids: Sequence[str]) -> dict[str, None]:
+    """Each ``id^^^issuer`` also under its bare Patient ID, so that a search by the ID alone finds it."""
+    found: dict[str, None] = {}
+    for patient_id in patient_ids:
+        if patient_id:
+            found[patient_id[:200]] = None
+            bare = patient_id.split("^", 1)[0]
+            if bare:
+                found[bare[:200]] = None
+    return found
+
+
 def _patient_rows(record_id: int, event: AuditEvent) -> list[dict[str, Any]]:
-    return [{"record_id": record_id, "patient_id": patient_id[:200]}
-            for patient_id in dict.fromkeys(event.patient_ids) if patient_id]
+    return [{"record_id": record_id, "patient_id": patient_id} for patient_id in _searchable_ids(event.patient_ids)]
 
 
 def record(db: Connection, event: AuditEvent, now: datetime) -> None:

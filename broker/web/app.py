@@ -19,6 +19,7 @@ from broker import __version__
 from broker.config import Settings
 from broker.intake.service import Intake
 from broker.metrics import exposition
+from broker.web import audit as audit_trail
 from broker.web import board, events, health, messages, procedures, steps
 from broker.web.auth import ReadAccess, TokenBook
 from broker.web.live import LiveFeed
@@ -51,7 +52,7 @@ def create_app(settings: Settings, engine: Engine, *, intake: Intake | None = No
     app.state.tokens = TokenBook(settings.api_token_roles)
     app.state.feed = feed
     app.state.intake = _intake_factory(settings, write_engine or engine, intake)
-    for module in (health, procedures, steps, messages, events, board):
+    for module in (health, procedures, steps, messages, events, board, audit_trail):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=board.STATIC), name="static")
     app.add_middleware(RefuseControlCharacters)
