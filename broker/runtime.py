@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from datetime import datetime
 
 import structlog
+from sqlalchemy import Engine
 
+from broker.audit.events import application_activity
+from broker.audit.shipper import AuditShipper
+from broker.audit.trail import AuditWriter, broker_participant, record
 from broker.config import Settings, StartupError
 from broker.dicom import processes
 from broker.dicom.listeners import DicomListeners, DicomPortUnavailable
@@ -25,6 +30,9 @@ from broker.store.session import make_engine
 from broker.web.server import start_with_broker
 
 log = structlog.get_logger(__name__)
+
+STOP_DRAIN_SECONDS = 3.0
+"""At stop, how long the shipper may keep sending the last records (the Application Stop among them)."""
 
 
 async def serve(settings: Settings) -> None:
@@ -44,6 +52,11 @@ async def serve(settings: Settings) -> None:
         await asyncio.to_thread(intake_processes.start)
     else:
         intake = build_intake(settings)
+    # The audit trail: one writer per process for events outside a transaction (queries, alerts), and
+    # the shipper that delivers the records to the Audit Record Repository and applies the retention.
+    audit_engine = make_engine(settings.database_url, pool_size=2)
+    audit = AuditWriter(audit_engine, settings.audit_flush_interval) if settings.audit_enabled else None
+    shipper = AuditShipper(settings, audit_engine) if settings.audit_enabled else None
     # With intake processes this process only accepts, and passes each connection to one of them.
     server = MLLPServer(intake, host=settings.hl7_host, port=settings.hl7_port,
                         max_message_bytes=settings.hl7_max_message_bytes,
@@ -55,6 +68,7 @@ async def serve(settings: Settings) -> None:
     except BaseException:
         if intake_processes is not None:
             await asyncio.to_thread(intake_processes.stop)
+        _close_audit(audit, None)
         raise
     # The relay and workers; events.workflow holds the MPPS / IAN / commitment services for the DICOM edge.
     events = EventPath.start(settings, make_engine(settings.database_url, pool_size=10))
@@ -63,13 +77,15 @@ async def serve(settings: Settings) -> None:
     # The plain and the TLS DICOM port (each 0 = none) share one association count.
     try:
         dicom = DicomListeners(settings, make_engine(settings.database_url, pool_size=10, for_reading=True),
-                               workflow=events.workflow, count=AssociationCount(count), reuse_port=several)
+                               workflow=events.workflow, count=AssociationCount(count), reuse_port=several,
+                               audit=audit)
         dicom.start()
     except (OSError, ValueError) as exc:
         await server.stop()
         await asyncio.to_thread(events.stop)
         if intake_processes is not None:
             await asyncio.to_thread(intake_processes.stop)
+        _close_audit(audit, None)
         if isinstance(exc, DicomPortUnavailable):
             raise StartupError(f"cannot listen on DICOM port {exc.port}: {exc.strerror}") from exc
         raise StartupError(f"cannot set up TLS for the DICOM port: {exc}") from exc
@@ -80,6 +96,9 @@ async def serve(settings: Settings) -> None:
              dicom_processes=settings.dicom_processes,
              ae_title=settings.ae_title,
              database=_safe_url(settings.database_url), queue="redis" if settings.redis_url else "embedded")
+    if shipper is not None:
+        await asyncio.to_thread(_application_activity, audit_engine, settings, True)
+        shipper.start()
     # UPS subscribers hear of the start (SCP Status Change, RESTARTED); nothing is queued without any.
     await asyncio.to_thread(events.workflow.ups.scp_status_change, "RESTARTED")
     await stop.wait()
@@ -96,7 +115,29 @@ async def serve(settings: Settings) -> None:
     await asyncio.to_thread(events.stop)
     if intake is not None:
         intake.close()
+    await asyncio.to_thread(_close_audit, audit, shipper)
+    audit_engine.dispose()
     log.info("broker.stopped")
+
+
+def _application_activity(engine: Engine, settings: Settings, started: bool) -> None:
+    """Record Application Activity (start or stop) in a transaction of its own."""
+    event = application_activity(started, broker_participant(settings.ae_title, role="application"))
+    with engine.begin() as db:
+        record(db, event, datetime.now())
+
+
+def _close_audit(audit: AuditWriter | None, shipper: AuditShipper | None) -> None:
+    """Commit what the writer holds; with the broker stopping (``shipper`` given) record the Application
+    Stop after it, as the last record, and let the shipper send what it can before it stops."""
+    if audit is not None:
+        audit.close()
+    if shipper is not None:
+        try:
+            _application_activity(shipper.engine, shipper.settings, False)
+        except Exception:  # the database is gone: the stop goes unrecorded, the stop goes on
+            log.exception("audit.write_failed", event="application_stop")
+        shipper.stop(drain_seconds=STOP_DRAIN_SECONDS)
 
 
 def _safe_url(url: str) -> str:

@@ -69,8 +69,8 @@ class AuditShipper:
     """Sends the undelivered records; :meth:`start` runs it in a thread until :meth:`stop`."""
 
     def __init__(self, settings: Settings, engine: Engine) -> None:
-        self._settings = settings
-        self._engine = engine
+        self.settings = settings
+        self.engine = engine
         self._destination = settings.audit_destination
         self._source_id = source_id(settings)
         self._hostname = socket.gethostname()
@@ -84,8 +84,8 @@ class AuditShipper:
             assert self._destination is not None
             transport, host, port = self._destination
             if transport == "tls":
-                self._sender = TlsSender(host, port, client_context(self._settings),
-                                         max(self._settings.tls_handshake_timeout, 1.0))
+                self._sender = TlsSender(host, port, client_context(self.settings),
+                                         max(self.settings.tls_handshake_timeout, 1.0))
             else:
                 self._sender = UdpSender(host, port)
         return self._sender
@@ -94,7 +94,7 @@ class AuditShipper:
         """Send one batch of undelivered records; returns how many were delivered (raises on failure)."""
         if self._destination is None:
             return 0
-        with self._engine.connect() as db:
+        with self.engine.connect() as db:
             rows = db.execute(select(_records.c.id, _records.c.recorded_at, _records.c.event)
                               .where(_records.c.delivered_at.is_(None))
                               .order_by(_records.c.id).limit(BATCH)).all()
@@ -103,7 +103,7 @@ class AuditShipper:
         frames = []
         for row in rows:
             event = from_json(row.event)
-            xml = render(event, source_id=self._source_id, site_id=self._settings.audit_enterprise_site_id,
+            xml = render(event, source_id=self._source_id, site_id=self.settings.audit_enterprise_site_id,
                          when=row.recorded_at)
             frames.append(message(xml, when=row.recorded_at, hostname=self._hostname, app_name="broker",
                                   procid=self._procid, failed=event.outcome != SUCCESS))
@@ -116,11 +116,11 @@ class AuditShipper:
         try:
             self._connect().send(frames)
         except Exception:
-            with self._engine.begin() as db:
+            with self.engine.begin() as db:
                 db.execute(update(_records).where(_records.c.id.in_(ids))
                            .values(attempts=_records.c.attempts + 1))
             raise
-        with self._engine.begin() as db:
+        with self.engine.begin() as db:
             db.execute(update(_records).where(_records.c.id.in_(ids))
                        .values(delivered_at=datetime.now(), attempts=_records.c.attempts + 1))
         return len(ids)
@@ -135,14 +135,14 @@ class AuditShipper:
             if now >= next_purge:
                 next_purge = now + RETENTION_EVERY
                 try:
-                    purge_expired(self._engine, self._settings.audit_retention_days, datetime.now())
+                    purge_expired(self.engine, self.settings.audit_retention_days, datetime.now())
                 except Exception as exc:  # the database is down: the next pass tries again
                     log.warning("audit.purge_failed", error=type(exc).__name__)
             try:
                 sent = self.ship_once()
             except Exception as exc:  # repository or database unreachable: back off, retry for ever
                 failures += 1
-                delay = min(self._settings.audit_retry_max, max(delay * 2, 0.25))
+                delay = min(self.settings.audit_retry_max, max(delay * 2, 0.25))
                 log.warning("audit.delivery_failed", error=type(exc).__name__, reason=str(exc)[:200],
                             attempt=failures, retry_in=delay)
                 self._stop.wait(delay)
@@ -157,11 +157,20 @@ class AuditShipper:
         self._thread = threading.Thread(target=self.run, name="audit-shipper", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
-        """Stop after the batch in flight (what is left is sent by the next start)."""
+    def stop(self, drain_seconds: float = 0.0) -> None:
+        """Stop after the batch in flight; then, for up to ``drain_seconds``, send what is still waiting
+        (the Application Stop record, recorded just before). What is left is sent by the next start."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        deadline = time.monotonic() + drain_seconds
+        while self._destination is not None and time.monotonic() < deadline:
+            try:
+                if self.ship_once() == 0:
+                    break
+            except Exception as exc:  # the repository is away: the records wait for the next start
+                log.warning("audit.delivery_failed", error=type(exc).__name__, reason=str(exc)[:200], at_stop=True)
+                break
         if self._sender is not None:
             self._sender.close()
             self._sender = None
