@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Makes sure the real services the integration tests talk to are up on this machine:
-# PostgreSQL on 127.0.0.1:5432 (trust auth, database "test") and Redis on 127.0.0.1:6379; and the
+# PostgreSQL on 127.0.0.1:5432 (trust auth, database "test") and Redis on 127.0.0.1:6379; rsyslog (the audit
+# tests start their own rsyslogd); and the
 # DICOM clients the worklist tests use as modalities (DCMTK's findscu and echoscu).
 set -uo pipefail
 
@@ -44,6 +45,12 @@ fi
 # --- DCMTK -----------------------------------------------------------------------------------------
 command -v findscu >/dev/null && command -v echoscu >/dev/null || apt_install dcmtk
 command -v findscu >/dev/null && echo "dcmtk: $(findscu --version | head -1)" || { echo "dcmtk: could not install"; exit 1; }
+
+# --- rsyslog (the audit tests' Audit Record Repository: TLS through the openssl stream driver, and UDP) ---
+# The tests start their own rsyslogd on free ports; the system's syslog daemon is not used.
+[ -x /usr/sbin/rsyslogd ] && [ -e /usr/lib/x86_64-linux-gnu/rsyslog/lmnsd_ossl.so -o -e /usr/lib/rsyslog/lmnsd_ossl.so ] \
+  || apt_install rsyslog rsyslog-openssl
+[ -x /usr/sbin/rsyslogd ] && echo "rsyslog: $(/usr/sbin/rsyslogd -v | head -1)" || { echo "rsyslog: could not install"; exit 1; }
 
 # --- Chromium (the status board's browser test; Playwright drives Debian's build, nothing is downloaded) ---
 command -v chromium >/dev/null || apt_install chromium

@@ -49,9 +49,14 @@ def source_id(settings: Settings) -> str:
     return settings.audit_source_id or f"{settings.ae_title}@{socket.gethostname()}"
 
 
+def retention_cutoff(retention_days: int, now: datetime) -> datetime:
+    """Records recorded before this moment are past their retention (kept: exactly ``retention_days`` old)."""
+    return now - timedelta(days=retention_days)
+
+
 def purge_expired(engine: Engine, retention_days: int, now: datetime) -> int:
     """Delete records older than ``retention_days``, delivered or not; returns how many."""
-    cutoff = now - timedelta(days=retention_days)
+    cutoff = retention_cutoff(retention_days, now)
     old = select(_records.c.id).where(_records.c.recorded_at < cutoff)
     with engine.begin() as db:
         undelivered = db.execute(select(func.count()).select_from(_records).where(
