@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from collections import Counter
 from importlib import resources
 from pathlib import Path
@@ -60,5 +61,52 @@ def test_broker_run_delivers_start_order_query_and_stop(tmp_path: Path, pki: Pki
         first, last = documents[0], documents[-1]
         assert first.find("EventIdentification/EventTypeCode").get("csd-code") == "110120"
         assert last.find("EventIdentification/EventTypeCode").get("csd-code") == "110121"
+    finally:
+        rsyslog.stop()
+
+
+def _order(n: int) -> bytes:
+    return sample("orm_o01_new.hl7").replace(b"77001", str(78000 + n).encode()).replace(
+        b"RIS000101", f"RIS9{n:05d}".encode())
+
+
+def _order_accessions(messages: list[str]) -> list[str]:
+    found = []
+    for text in messages:
+        document = etree.fromstring(text.encode())
+        assert SCHEMA.validate(document), SCHEMA.error_log
+        if document.find("EventIdentification/EventID").get("csd-code") == "110109":
+            found.extend(a.get("Number") for a in document.iter("Accession"))
+    return list(dict.fromkeys(found))  # at least once: a record may come twice
+
+
+def _arrived(rsyslog: Rsyslog, accessions: list[str], seconds: float = 15) -> bool:
+    """Whether the Order Records of exactly ``accessions``, in this order, arrive within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while _order_accessions(rsyslog.messages()) != accessions and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return _order_accessions(rsyslog.messages()) == accessions
+
+
+def test_records_made_while_the_repository_is_down_arrive_in_order(tmp_path: Path, pki: Pki) -> None:
+    rsyslog = Rsyslog(tmp_path, pki)
+    rsyslog.start()
+    try:
+        hl7_port, dicom_port = free_port(), free_port()
+        env = env_for(f"sqlite:///{tmp_path / 'broker.db'}", BROKER_HL7_PORT=str(hl7_port),
+                      BROKER_DICOM_HOST="127.0.0.1", BROKER_DICOM_PORT=str(dicom_port), BROKER_HTTP_PORT="0",
+                      BROKER_AUDIT_REPOSITORY=f"tls://localhost:{rsyslog.tcp_port}", BROKER_AUDIT_RETRY_MAX="0.5",
+                      **pki.broker_env())
+        with ((tmp_path / "broker.log").open("w") as log, broker_run(env, hl7_port, dicom_port, stderr=log),
+              MLLPClient("127.0.0.1", hl7_port) as client):
+            assert msa_code(client.send(_order(0))) == "AA"
+            assert _arrived(rsyslog, ["ACC78000"])
+            rsyslog.stop()
+            for n in range(1, 11):
+                assert msa_code(client.send(_order(n))) == "AA"
+            time.sleep(2.0)  # several failed attempts, backing off up to 0.5 s
+            rsyslog.start()
+            expected = [f"ACC{78000 + n}" for n in range(11)]
+            assert _arrived(rsyslog, expected), _order_accessions(rsyslog.messages())
     finally:
         rsyslog.stop()

@@ -65,7 +65,6 @@ def _undelivered(engine: Engine) -> int:
                               .where(RECORDS.c.delivered_at.is_(None))).scalar_one())
 
 
-@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_tls_delivery_survives_a_repository_outage_in_order(engine: Engine, database_url: str, pki: Pki,
                                                            rsyslog: Rsyslog) -> None:
     shipper = AuditShipper(_settings(pki, f"tls://localhost:{rsyslog.tcp_port}", database_url), engine)
