@@ -17,6 +17,7 @@ from broker.outbox import outbox
 from broker.outbox.runner import BatchHandler, Event, Handler
 from broker.stgcmt.service import CommitmentService
 from broker.store.tables import CommitmentItem, CommitmentRequest, table_of
+from broker.tls import client_context
 from broker.workflow.context import WorkflowConfig
 
 REQUESTS = table_of(CommitmentRequest)
@@ -38,7 +39,9 @@ def build_handlers(settings: Settings, engine: Engine,
     """
     address = settings.ris_address
     sender = (RisStatusSender(address[0], address[1], settings.ris_status_message_type,
-                              settings.ris_hl7_ack_timeout) if address else None)
+                              settings.ris_hl7_ack_timeout,
+                              ssl_context=client_context(settings) if settings.ris_hl7_tls else None)
+              if address else None)
     peers = settings.peers
     peer_tls = dicom_peers.PeerTls(settings)  # the peers of dicom_tls_peers are reached over TLS
     results = commitment or CommitmentService(engine, WorkflowConfig.from_settings(settings))

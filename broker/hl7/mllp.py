@@ -28,6 +28,13 @@ Design choices, and why:
   until it is released; in an intake process a server that does not listen serves those sockets
   (:meth:`MLLPServer.adopt`) with exactly the thread-per-connection code above. Messages never cross a
   process boundary, only connections do.
+* TLS (``tls_port`` with a server context from :mod:`broker.tls`) is a second listening port served by
+  the same code: the accept thread only wraps the socket (no I/O), and the handshake runs in the
+  connection's own thread, bounded by ``handshake_timeout``, so a client that stalls or fails it costs
+  only its connection. A failed handshake is logged (``hl7.tls_handshake_failed``, peer and reason) and
+  recorded as a Security Alert. Both ports share ``max_connections`` and the handler slots. With
+  intake processes the raw TCP socket is handed off with a flag saying it came from the TLS port, and
+  the intake process wraps it and does the handshake itself.
 """
 
 from __future__ import annotations
@@ -38,16 +45,20 @@ import contextlib
 import enum
 import errno
 import socket
+import ssl
 import struct
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
+from broker.audit.events import NODE_AUTHENTICATION, Source, security_alert
+from broker.audit.trail import AuditWriter, broker_participant
 from broker.metrics import count_hl7_message  # Prometheus; imports no web stack
+from broker.tls import handshake_failure, peer_certificate
 
 log = structlog.get_logger(__name__)
 
@@ -60,9 +71,18 @@ MessageHandler = Callable[[bytes, Peer], list[bytes]]
 Release = Callable[[], None]
 """Called once when a connection served elsewhere has ended, so that it no longer counts."""
 
-HandOff = Callable[[socket.socket, Peer, Release], None]
-"""Takes an accepted socket to be served elsewhere (the server closes its own copy when this returns)
-and the :data:`Release` to call once that connection has ended; raises if nobody can take it."""
+
+
+class HandOff(Protocol):
+    """Takes an accepted socket to be served elsewhere (the server closes its own copy when this returns)
+    and the :data:`Release` to call once that connection has ended; raises if nobody can take it.
+
+    ``tls``: the socket came from the TLS port; it is still the raw TCP socket, the receiver does the
+    handshake.
+    """
+
+    def __call__(self, sock: socket.socket, peer: Peer, release: Release, *, tls: bool) -> None: ...
+
 
 MessageCounter = Callable[[bytes, list[bytes] | None], None]
 """Called with each message and its replies (None: none could be given), for the metrics."""
@@ -265,6 +285,10 @@ class _Connection:
     abandoned_logged: int = 0
     abandoned_bytes_logged: int = 0
     on_close: Release | None = None
+    tls: bool = False
+    """Came from the TLS port: ``sock`` is an :class:`ssl.SSLSocket` whose handshake is still to do."""
+    secured: bool = False
+    """The TLS handshake has completed (a close then sends close_notify)."""
 
 
 def _peer_of(address: object) -> Peer:
@@ -286,14 +310,38 @@ def _reset_on_close(sock: socket.socket) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
 
 
-def _shutdown(sock: socket.socket) -> None:
+def _shutdown(sock: socket.socket, how: int = socket.SHUT_RDWR) -> None:
     """Wake the thread blocked in ``recv``/``sendall``/``accept`` on ``sock``; it then closes it.
 
     Closing the socket from here instead would not wake that thread, and could hand its file
-    descriptor number to an unrelated new socket while the thread still uses it.
+    descriptor number to an unrelated new socket while the thread still uses it. The TCP socket is shut
+    down directly, also under a TLS connection: :meth:`ssl.SSLSocket.shutdown` would drop the TLS
+    state that the woken thread is still using; its read then sees an end of file. ``SHUT_RD`` wakes a
+    reading thread and still lets it send its close_notify.
     """
     with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_RDWR)
+        socket.socket.shutdown(sock, how)
+
+
+def send_close_notify(sock: socket.socket) -> None:
+    """Before closing a TLS connection: send close_notify without waiting for the peer's, then return.
+
+    Tells the peer the connection ended on purpose (a TLS 1.3 peer otherwise reports a truncation).
+    Non-blocking: a peer that does not read must not hold the closing thread. Nothing for plain sockets.
+    """
+    if not isinstance(sock, ssl.SSLSocket):
+        return
+    with contextlib.suppress(OSError, ValueError):  # SSLWantReadError: its close_notify is not here yet
+        sock.settimeout(0)
+        sock.unwrap()
+
+
+def _local_port(sock: socket.socket) -> int | None:
+    """The port a connection came in on (also for one accepted by another process), if still known."""
+    try:
+        return int(sock.getsockname()[1])
+    except (OSError, IndexError, TypeError, ValueError):
+        return None
 
 
 def _bind(host: str, port: int, backlog: int) -> list[socket.socket]:
@@ -335,15 +383,33 @@ class MLLPServer:
 
     ``count_message`` is told about every message answered (or not); by default it counts it in this
     process's Prometheus counter.
+
+    Ports: ``port`` is the plain MLLP port (None: none), ``tls_port`` the port with TLS (None: none;
+    it needs ``tls_context``, a server context of :func:`broker.tls.server_context`). Either may be 0
+    for a port the OS picks. An adopting server needs ``tls_context`` to serve sockets adopted with
+    ``tls=True``. ``audit`` records a failed handshake as a Security Alert naming ``ae_title`` (the
+    broker) as the node that refused it.
+
+    The server sets ``OP_IGNORE_UNEXPECTED_EOF`` on ``tls_context``: an end of the TCP stream without
+    close_notify is then an ordinary end of input. That is what :meth:`stop` causes to wake a reading
+    connection (after which the connection still sends its own close_notify, which OpenSSL refuses on
+    a connection it considers failed), and what many HL7 senders do when they hang up. Truncation is
+    still seen: a frame without its 0x1C 0x0D is never handled (``closed_mid_frame``).
     """
 
-    def __init__(self, handler: MessageHandler | None, *, host: str = "0.0.0.0", port: int = 2575,
+    def __init__(self, handler: MessageHandler | None, *, host: str = "0.0.0.0", port: int | None = 2575,
                  max_message_bytes: int = 4 * 1024 * 1024, idle_timeout: float = 600.0,
                  max_connections: int = 200, workers: int = 8,
                  garbled_reply: Callable[[bytes], bytes] | None = None, hand_off: HandOff | None = None,
-                 count_message: MessageCounter = count_hl7_message) -> None:
+                 count_message: MessageCounter = count_hl7_message, tls_port: int | None = None,
+                 tls_context: ssl.SSLContext | None = None, handshake_timeout: float = 10.0,
+                 audit: AuditWriter | None = None, ae_title: str = "") -> None:
         if (handler is None) == (hand_off is None):
             raise ValueError("give either a handler or a hand_off")
+        if tls_port is not None and tls_context is None:
+            raise ValueError("a TLS port needs a TLS context")
+        if handshake_timeout <= 0:
+            raise ValueError("handshake_timeout must be positive")
         if workers < 1:
             raise ValueError("workers must be at least 1")
         if max_connections < 1:
@@ -360,10 +426,18 @@ class MLLPServer:
         self._garbled_reply = garbled_reply
         self._hand_off = hand_off
         self._count_message = count_message
+        self._requested_tls_port = tls_port
+        self._tls_context = tls_context
+        if tls_context is not None:
+            tls_context.options |= ssl.OP_IGNORE_UNEXPECTED_EOF
+        self._handshake_timeout = handshake_timeout
+        self._audit = audit
+        self._ae_title = ae_title
         self._handler_slots = threading.BoundedSemaphore(workers)
         self._listeners: list[socket.socket] | None = None
         self._accept_threads: list[threading.Thread] = []
         self._port: int | None = None
+        self._tls_port: int | None = None
         # Guards _closing and _connections together with every connection's phase, so that stop()
         # sees each connection either already reading (and wakes it) or not yet (and it sees _closing).
         self._lock = threading.Lock()
@@ -375,26 +449,34 @@ class MLLPServer:
 
     @property
     def port(self) -> int:
-        """The bound port (the one picked by the OS when constructed with ``port=0``).
+        """The bound plain port (the one picked by the OS when constructed with ``port=0``).
 
         A host name resolving to several addresses binds several sockets; with ``port=0`` each gets
         its own port and this is the first one's. Use an address (the default ``0.0.0.0``) to avoid it.
         """
         if self._port is None:
-            raise RuntimeError("the MLLP server has not been started")
+            raise RuntimeError("the MLLP server has not been started or has no plain port")
         return self._port
+
+    @property
+    def tls_port(self) -> int:
+        """The bound TLS port (as :attr:`port`)."""
+        if self._tls_port is None:
+            raise RuntimeError("the MLLP server has not been started or has no TLS port")
+        return self._tls_port
 
     @property
     def connection_count(self) -> int:
         """Connections currently open, served here or handed off (refused ones are never counted)."""
         return len(self._connections) + self._handed_off
 
-    def adopt(self, sock: socket.socket, on_close: Release | None = None) -> None:
+    def adopt(self, sock: socket.socket, on_close: Release | None = None, *, tls: bool = False) -> None:
         """Serve ``sock``, a connection accepted by another process, as if this server had accepted it.
 
         For a server that does not listen (an intake process). ``on_close`` is called once when the
         connection has ended, also when it is refused (``max_connections``, stopping), so that the
-        process that accepted it can stop counting it.
+        process that accepted it can stop counting it. ``tls``: it came from the TLS port; the
+        handshake is done here, in the connection's thread.
         """
         with self._lock:
             self._active = True
@@ -403,7 +485,7 @@ class MLLPServer:
         except OSError:  # reset before we got to it: the first read will tell
             peer = ("?", 0)
         try:
-            self._admit(sock, peer, on_close)
+            self._admit(sock, peer, on_close, tls=tls)
         except BaseException:  # no connection thread took the socket
             _reset_on_close(sock)
             sock.close()
@@ -439,17 +521,33 @@ class MLLPServer:
         """Blocking :meth:`start`."""
         if self._listeners is not None:
             raise RuntimeError("the MLLP server is already started")
-        self._listeners = _bind(self._host, self._requested_port, max(100, self._max_connections))
-        self._port = int(self._listeners[0].getsockname()[1])
+        backlog = max(100, self._max_connections)
+        plain: list[socket.socket] = []
+        secure: list[socket.socket] = []
+        try:
+            if self._requested_port is not None:
+                plain = _bind(self._host, self._requested_port, backlog)
+            if self._requested_tls_port is not None:
+                secure = _bind(self._host, self._requested_tls_port, backlog)
+        except BaseException:
+            for listener in plain:
+                listener.close()
+            raise
+        self._listeners = plain + secure
+        self._port = int(plain[0].getsockname()[1]) if plain else None
+        self._tls_port = int(secure[0].getsockname()[1]) if secure else None
         self._active = True
-        self._accept_threads = [threading.Thread(target=self._accept_loop, args=(listener,),
+        self._accept_threads = [threading.Thread(target=self._accept_loop, args=(listener, listener in secure),
                                                  name="mllp-accept", daemon=True)
                                 for listener in self._listeners]
         for thread in self._accept_threads:
             thread.start()
-        log.info("mllp.listening", host=self._host, port=self._port, workers=self._workers,
-                 max_connections=self._max_connections, max_message_bytes=self._max_message_bytes,
-                 idle_timeout=self._idle_timeout)
+        if not self._listeners:
+            log.info("mllp.no_port")  # hl7_port and hl7_tls_port are both 0: no HL7 listener
+            return
+        log.info("mllp.listening", host=self._host, port=self._port, tls_port=self._tls_port,
+                 workers=self._workers, max_connections=self._max_connections,
+                 max_message_bytes=self._max_message_bytes, idle_timeout=self._idle_timeout)
 
     def _stop(self) -> None:
         """Blocking :meth:`stop`; a second caller waits until the first one has finished."""
@@ -461,7 +559,8 @@ class MLLPServer:
             connections = list(self._connections)  # complete: nothing is admitted from now on
             for conn in connections:
                 if conn.phase is _Phase.READING:
-                    _shutdown(conn.sock)  # its recv returns at once and the thread ends
+                    # Its recv returns at once and the thread ends (a TLS one after its close_notify).
+                    _shutdown(conn.sock, socket.SHUT_RD if conn.tls else socket.SHUT_RDWR)
         if not stopping:
             self._stopped.result()
             return
@@ -490,8 +589,12 @@ class MLLPServer:
                         _shutdown(conn.sock)  # sendall fails at once, the thread closes with a reset
             connections = [conn for conn in connections if conn.thread.is_alive()]
 
-    def _accept_loop(self, listener: socket.socket) -> None:
-        """Accept thread: admit connections until :meth:`stop`; no error of one connection ends it."""
+    def _accept_loop(self, listener: socket.socket, tls: bool) -> None:
+        """Accept thread: admit connections until :meth:`stop`; no error of one connection ends it.
+
+        ``tls``: the TLS port's listener; the socket is only wrapped here, its handshake is done in the
+        connection's thread (or in the intake process it is handed off to).
+        """
         while True:
             try:
                 sock, address = listener.accept()
@@ -505,9 +608,9 @@ class MLLPServer:
                 continue
             try:
                 if self._hand_off is not None:
-                    self._pass_on(sock, _peer_of(address))
+                    self._pass_on(sock, _peer_of(address), tls)
                 else:
-                    self._admit(sock, _peer_of(address))
+                    self._admit(sock, _peer_of(address), tls=tls)
             except Exception:  # no connection thread (or hand_off) took the socket
                 log.exception("mllp.accept_failed")
                 _reset_on_close(sock)
@@ -521,11 +624,19 @@ class MLLPServer:
             return "max_connections"
         return None
 
-    def _admit(self, sock: socket.socket, peer: Peer, on_close: Release | None = None) -> None:
-        """Start a connection thread for ``sock``, or reset it past the limit or while stopping."""
+    def _admit(self, sock: socket.socket, peer: Peer, on_close: Release | None = None, *,
+               tls: bool = False) -> None:
+        """Start a connection thread for ``sock``, or reset it past the limit or while stopping.
+
+        ``tls``: wrap it (no I/O here) for the handshake that its thread begins with.
+        """
         peer_text = f"{peer[0]}:{peer[1]}"
+        if tls:
+            if self._tls_context is None:
+                raise RuntimeError("a TLS connection came to an MLLP server without a TLS context")
+            sock = self._tls_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         conn = _Connection(peer=peer, sock=sock, decoder=FrameDecoder(self._max_message_bytes),
-                           log=log.bind(peer=peer_text), on_close=on_close)
+                           log=log.bind(peer=peer_text), on_close=on_close, tls=tls)
         conn.thread = threading.Thread(target=self._run_connection, args=(conn,),
                                        name=f"mllp-conn-{peer[1]}", daemon=True)
         with self._lock:
@@ -544,7 +655,7 @@ class MLLPServer:
         if on_close is not None:
             on_close()
 
-    def _pass_on(self, sock: socket.socket, peer: Peer) -> None:
+    def _pass_on(self, sock: socket.socket, peer: Peer, tls: bool) -> None:
         """Give ``sock`` to ``hand_off``, counted until released; or reset it past the limit or while stopping.
 
         Counted before it is handed off, so that a release reported at once cannot come first.
@@ -560,7 +671,7 @@ class MLLPServer:
             return
         release = self._releaser()
         try:
-            self._hand_off(sock, peer, release)
+            self._hand_off(sock, peer, release, tls=tls)
         except BaseException:
             release()
             raise
@@ -597,6 +708,8 @@ class MLLPServer:
         abort = False
         try:
             _set_nodelay(conn.sock)
+            if conn.tls:
+                self._handshake(conn)
             conn.sock.settimeout(self._idle_timeout)
             reason = self._serve(conn)
         except _Close as close:
@@ -609,6 +722,8 @@ class MLLPServer:
         except Exception:
             conn.log.exception("mllp.connection_failed")
         finally:
+            if conn.secured and not abort:
+                send_close_notify(conn.sock)
             with self._lock:  # stop() only touches sockets of connections in the set
                 self._connections.discard(conn)
                 connections = len(self._connections)
@@ -620,6 +735,42 @@ class MLLPServer:
                           abandoned_frames=conn.decoder.abandoned_frames,
                           partial_bytes=conn.decoder.pending_bytes, connections=connections)
             self._closed(conn)
+
+    def _handshake(self, conn: _Connection) -> None:
+        """The TLS handshake of a connection from the TLS port, within ``handshake_timeout`` in all.
+
+        A failure ends only this connection: logged with the peer and the reason, and recorded as a
+        Security Alert (node authentication). One cut short by :meth:`stop` is neither.
+        """
+        sock = conn.sock
+        assert isinstance(sock, ssl.SSLSocket)
+        self._enter(conn, _Phase.READING)  # stop() wakes a handshake waiting for the peer as it wakes a read
+        sock.settimeout(self._handshake_timeout)  # CPython bounds the whole handshake by it, not each read
+        try:
+            sock.do_handshake()
+        except (OSError, ValueError) as exc:  # ssl.SSLError, TimeoutError and resets are OSErrors
+            if self._closing.is_set():
+                raise _Close("server_stopping") from None
+            reason = handshake_failure(exc)
+            port = _local_port(sock)
+            conn.log.warning("hl7.tls_handshake_failed", reason=reason, port=port)
+            self._alert(conn.peer[0], reason, port)
+            raise _Close("tls_handshake_failed") from None
+        conn.secured = True
+        certificate = peer_certificate(sock)
+        conn.log.info("hl7.tls_established", version=sock.version(), cipher=(sock.cipher() or ("",))[0],
+                      client_certificate=certificate.subject if certificate else None)
+
+    def _alert(self, host: str, reason: str, port: int | None) -> None:
+        """Record a refused TLS client as a Security Alert; the audit trail failing never ends anything."""
+        if self._audit is None:
+            return
+        try:
+            self._audit.submit(security_alert(
+                Source(user_id="unknown", host=host, channel="hl7"), broker_participant(self._ae_title),
+                alert=NODE_AUTHENTICATION, reason=reason, resource=f"MLLP port {port}"))
+        except Exception:
+            log.exception("hl7.audit_failed", event="security_alert")
 
     @staticmethod
     def _closed(conn: _Connection) -> None:

@@ -4,15 +4,21 @@ Kept synchronous on purpose: its users (tests, benchmarks, and the sender of HL7
 the RIS, which runs in a worker) send a message and wait for its ACK before doing anything else.
 Every failure of the connection surfaces as :class:`MLLPError`, and the connection is dropped, so a
 late reply to one message can never be mistaken for the reply to the next; the next call connects anew.
+
+With an ``ssl_context`` (for the RIS: :func:`broker.tls.client_context`, which verifies the server's
+certificate and presents the broker's) the connection is TLS; the handshake is part of connecting, so a
+server whose certificate is not accepted is an :class:`MLLPError` like a refused connection.
 """
 
 from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 import time
 
-from broker.hl7.mllp import FrameDecoder, FrameTooLarge, encode_frame, unframeable
+from broker.hl7.mllp import FrameDecoder, FrameTooLarge, encode_frame, send_close_notify, unframeable
+from broker.tls import handshake_failure
 
 RECV_CHUNK = 64 * 1024
 
@@ -24,16 +30,21 @@ class MLLPError(Exception):
 class MLLPClient:
     """Blocking persistent MLLP connection.
 
-    Used by tests, benchmarks and later for HL7 status messages to the RIS.
+    Used by tests, benchmarks and for HL7 status messages to the RIS.
     ``send`` connects on first use (and again after a failure dropped the connection).
+    ``ssl_context``: connect with TLS; ``server_hostname`` (default ``host``) is the name the server's
+    certificate must carry when the context checks host names.
     """
 
     def __init__(self, host: str, port: int, timeout: float = 30.0, *,
-                 max_message_bytes: int = 64 * 1024 * 1024) -> None:
+                 max_message_bytes: int = 64 * 1024 * 1024, ssl_context: ssl.SSLContext | None = None,
+                 server_hostname: str | None = None) -> None:
         self.host = host
         self.port = port
         self.timeout = timeout
         self.max_message_bytes = max_message_bytes
+        self.ssl_context = ssl_context
+        self.server_hostname = server_hostname or host
         self._sock: socket.socket | None = None
         self._decoder = FrameDecoder(max_message_bytes)
         self._received: list[bytes] = []
@@ -52,6 +63,13 @@ class MLLPClient:
         except OSError as exc:
             raise MLLPError(f"cannot connect to {self.host}:{self.port}: {exc}") from exc
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.ssl_context is not None:
+            try:  # the handshake happens here, within the timeout set on the socket
+                sock = self.ssl_context.wrap_socket(sock, server_hostname=self.server_hostname)
+            except (OSError, ValueError) as exc:
+                sock.close()
+                raise MLLPError(f"TLS handshake with {self.host}:{self.port} failed: "
+                                f"{handshake_failure(exc)}") from exc
         self._sock = sock
         self._decoder = FrameDecoder(self.max_message_bytes)
         self._received = []
@@ -113,6 +131,7 @@ class MLLPClient:
         """Close the connection; safe to call more than once."""
         sock, self._sock = self._sock, None
         if sock is not None:
+            send_close_notify(sock)
             with contextlib.suppress(OSError):
                 sock.close()
 

@@ -10,6 +10,10 @@ intake process with the fewest open connections (ties: round robin). That proces
 reading, running the intake and replying, with the listener's own thread-per-connection code
 (:meth:`broker.hl7.mllp.MLLPServer.adopt`); order per connection holds as before.
 
+A connection from the TLS port (``hl7_tls_port``) is passed as the raw TCP socket, flagged as such
+(its own command byte); the intake process wraps it with its own server context and does the handshake
+in the connection's thread, as the listener would. No TLS state ever crosses the process boundary.
+
 What still goes back, one short line each over the socketpair: a closed connection (the listener keeps
 ``max_connections`` for the whole broker and :attr:`MLLPServer.connection_count` meaningful), and each
 message's (type, outcome), counted by the listener process whose ``/metrics`` serves the counter.
@@ -43,6 +47,7 @@ from broker.config import Settings
 from broker.hl7.mllp import MLLPServer, Peer, Release
 from broker.intake.build import build_intake
 from broker.metrics import count_hl7_labels, hl7_message_labels
+from broker.tls import server_context
 
 log = structlog.get_logger(__name__)
 
@@ -60,6 +65,7 @@ RESTART_DELAY = 1.0
 
 # Listener -> intake process: one byte each.
 _CONNECTION = ord("C")  # carries one socket's descriptor
+_TLS_CONNECTION = ord("T")  # carries one socket's descriptor, from the TLS port: to be wrapped
 _STOP = ord("S")
 # Intake process -> listener: one line each.
 _READY = b"R"
@@ -116,13 +122,17 @@ class IntakeProcesses:
                     raise RuntimeError(f"HL7 intake process {worker.number} did not start (see its log lines)")
         self._started = True
 
-    def hand_off(self, sock: socket.socket, peer: Peer, release: Release) -> None:
-        """Pass ``sock`` to the running process with the fewest connections; raise if none takes it."""
+    def hand_off(self, sock: socket.socket, peer: Peer, release: Release, *, tls: bool = False) -> None:
+        """Pass ``sock`` to the running process with the fewest connections; raise if none takes it.
+
+        ``tls``: it came from the TLS port; the process does the handshake.
+        """
+        command = bytes([_TLS_CONNECTION if tls else _CONNECTION])
         with self._lock:
             for worker in self._candidates():
                 try:
                     # MSG_DONTWAIT: a process that stopped reading its commands must not block accepting.
-                    socket.send_fds(worker.channel, [bytes([_CONNECTION])], [sock.fileno()], socket.MSG_DONTWAIT)
+                    socket.send_fds(worker.channel, [command], [sock.fileno()], socket.MSG_DONTWAIT)
                 except OSError as exc:  # died a moment ago (its watcher is about to tell), or stuck
                     log.warning("hl7.hand_off_failed", worker=worker.number, pid=worker.process.pid,
                                 error=type(exc).__name__)
@@ -130,7 +140,7 @@ class IntakeProcesses:
                 worker.releases.append(release)
                 self._next = (self._workers.index(worker) + 1) % len(self._workers)
                 log.info("hl7.connection_handed_off", peer=f"{peer[0]}:{peer[1]}", worker=worker.number,
-                         pid=worker.process.pid, worker_connections=len(worker.releases))
+                         pid=worker.process.pid, worker_connections=len(worker.releases), tls=tls)
                 return
         raise RuntimeError("no HL7 intake process is running")
 
@@ -289,14 +299,17 @@ def _worker_main(settings_json: str, channel: socket.socket, number: int) -> Non
     logs.configure(settings.log_format, settings.log_level, settings.log_patient_data)
     reports = _Reports(channel)
     intake = build_intake(settings, pool_size=settings.hl7_workers)
-    server = MLLPServer(intake, max_message_bytes=settings.hl7_max_message_bytes,
+    tls_context = (server_context(settings, require_client_cert=settings.hl7_tls_require_client_cert)
+                   if settings.hl7_tls_port else None)
+    server = MLLPServer(intake, port=None, max_message_bytes=settings.hl7_max_message_bytes,
                         idle_timeout=settings.hl7_idle_timeout, max_connections=settings.hl7_max_connections,
-                        workers=settings.hl7_workers, count_message=reports.message)
+                        workers=settings.hl7_workers, count_message=reports.message, tls_context=tls_context,
+                        handshake_timeout=settings.tls_handshake_timeout, ae_title=settings.ae_title)
     reports.send(_READY)
     try:
-        for sock in _received_sockets(channel):
+        for sock, tls in _received_sockets(channel):
             try:
-                server.adopt(sock, on_close=reports.closed)
+                server.adopt(sock, on_close=reports.closed, tls=tls)
             except Exception:  # adopt reported it closed; the next connection may fare better
                 log.exception("hl7.adopt_failed", worker=number)
     finally:
@@ -311,8 +324,9 @@ def _stop_reading(channel: socket.socket) -> None:
         channel.shutdown(socket.SHUT_RD)
 
 
-def _received_sockets(channel: socket.socket) -> Iterator[socket.socket]:
-    """The sockets the listener passes, in order, until it says stop or closes."""
+def _received_sockets(channel: socket.socket) -> Iterator[tuple[socket.socket, bool]]:
+    """The sockets the listener passes, in order, each with whether it came from the TLS port, until
+    it says stop or closes."""
     descriptors: deque[int] = deque()
     try:
         while True:
@@ -326,8 +340,8 @@ def _received_sockets(channel: socket.socket) -> Iterator[socket.socket]:
             for command in data:
                 if command == _STOP:
                     return
-                if command == _CONNECTION and descriptors:
-                    yield socket.socket(fileno=descriptors.popleft())
+                if command in (_CONNECTION, _TLS_CONNECTION) and descriptors:
+                    yield socket.socket(fileno=descriptors.popleft()), command == _TLS_CONNECTION
     finally:
         for fd in descriptors:  # passed, but never served: the sender sees a close and resends
             with contextlib.suppress(OSError):

@@ -2,13 +2,15 @@
 
 ORM^O01 (v2.3.1), OMI^O23 or ORU^R01 (v2.5.1), per ``ris_status_message_type``. MSH-10 is derived
 from the event id, so a retried message has the same control ID and the RIS can recognise a repeat.
-The message is sent over one persistent MLLP connection per process and address; the RIS's ACK
+The message is sent over one persistent MLLP connection per process and address (with TLS when
+``ris_hl7_tls`` is on: the RIS's certificate verified, the broker's presented); the RIS's ACK
 decides: AA / CA is delivered, anything else (AE, AR, CE, CR, no reply) raises, and the event is
 retried with backoff.
 """
 
 from __future__ import annotations
 
+import ssl
 import threading
 from typing import Any
 
@@ -72,11 +74,16 @@ def build_status_message(payload: dict[str, Any], message_type: str, event_id: s
 
 
 class RisStatusSender:
-    """Sends status messages to one RIS address over a persistent connection (reconnecting on error)."""
+    """Sends status messages to one RIS address over a persistent connection (reconnecting on error).
 
-    def __init__(self, host: str, port: int, message_type: str = "ORM^O01", ack_timeout: float = 10.0) -> None:
+    ``ssl_context`` (:func:`broker.tls.client_context`): connect with TLS. A RIS whose certificate is not
+    accepted fails the delivery like a RIS that is down, and the event is retried.
+    """
+
+    def __init__(self, host: str, port: int, message_type: str = "ORM^O01", ack_timeout: float = 10.0, *,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.message_type = message_type
-        self.client = MLLPClient(host, port, timeout=ack_timeout)
+        self.client = MLLPClient(host, port, timeout=ack_timeout, ssl_context=ssl_context)
         self.lock = threading.Lock()  # one message at a time on the one connection
 
     def send(self, payload: dict[str, Any], event_id: str) -> None:

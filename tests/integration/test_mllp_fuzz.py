@@ -498,8 +498,8 @@ def test_hand_off_and_adopt_serve_the_connection_elsewhere_counted_until_release
     counted: list[tuple[bytes, list[bytes] | None]] = []
     adopter = MLLPServer(handler, count_message=lambda raw, replies: counted.append((raw, replies)))
 
-    def hand_off(sock: socket.socket, peer: Peer, release: Callable[[], None]) -> None:
-        assert peer[0] == HOST
+    def hand_off(sock: socket.socket, peer: Peer, release: Callable[[], None], *, tls: bool) -> None:
+        assert peer[0] == HOST and not tls
         adopter.adopt(sock.dup(), on_close=release)
 
     with run_in_thread(MLLPServer(None, host=HOST, port=0, max_connections=2, hand_off=hand_off)) as listener:
