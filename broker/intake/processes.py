@@ -43,10 +43,12 @@ from typing import Any
 import structlog
 
 from broker import logs
+from broker.audit.trail import AuditWriter
 from broker.config import Settings
 from broker.hl7.mllp import MLLPServer, Peer, Release
 from broker.intake.build import build_intake
 from broker.metrics import count_hl7_labels, hl7_message_labels
+from broker.store.session import make_engine
 from broker.tls import server_context
 
 log = structlog.get_logger(__name__)
@@ -301,10 +303,13 @@ def _worker_main(settings_json: str, channel: socket.socket, number: int) -> Non
     intake = build_intake(settings, pool_size=settings.hl7_workers)
     tls_context = (server_context(settings, require_client_cert=settings.hl7_tls_require_client_cert)
                    if settings.hl7_tls_port else None)
+    # The handshakes happen here, so the Security Alerts of refused TLS clients are recorded here.
+    audit_engine = make_engine(settings.database_url, pool_size=1) if tls_context and settings.audit_enabled else None
+    audit = AuditWriter(audit_engine, settings.audit_flush_interval) if audit_engine is not None else None
     server = MLLPServer(intake, port=None, max_message_bytes=settings.hl7_max_message_bytes,
                         idle_timeout=settings.hl7_idle_timeout, max_connections=settings.hl7_max_connections,
                         workers=settings.hl7_workers, count_message=reports.message, tls_context=tls_context,
-                        handshake_timeout=settings.tls_handshake_timeout, ae_title=settings.ae_title)
+                        handshake_timeout=settings.tls_handshake_timeout, ae_title=settings.ae_title, audit=audit)
     reports.send(_READY)
     try:
         for sock, tls in _received_sockets(channel):
@@ -315,6 +320,9 @@ def _worker_main(settings_json: str, channel: socket.socket, number: int) -> Non
     finally:
         server.shutdown()
         intake.close()
+        if audit is not None and audit_engine is not None:
+            audit.close()  # flushes what is still queued
+            audit_engine.dispose()
     log.info("hl7.worker_process_exiting", worker=number, pid=os.getpid())
 
 

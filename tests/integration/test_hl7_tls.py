@@ -26,13 +26,16 @@ from pydicom.uid import generate_uid
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
+from broker.audit import events as audit_events
+from broker.audit.stored import from_json
+from broker.audit.trail import AuditWriter
 from broker.config import Settings, load_settings
 from broker.events.wiring import EventPath
 from broker.hl7.mllp import FrameDecoder, MLLPServer, Peer, ServerThread, encode_frame, run_in_thread
 from broker.hl7.mllp_client import MLLPClient, MLLPError
 from broker.intake.service import Intake
 from broker.mapping.rules import MappingSet
-from broker.store.tables import InboundMessage
+from broker.store.tables import AuditRecord, InboundMessage, table_of
 from broker.tls import server_context
 from tests.conftest import sample
 from tests.events_support import TestRis, mpps_create, mpps_final, orc, outbox, schedule
@@ -117,6 +120,15 @@ def json_events(text: str) -> list[dict[str, Any]]:
     return events
 
 
+def mllp_alerts(engine: Engine) -> list[audit_events.AuditEvent]:
+    """The Security Alerts recorded about the MLLP ports, oldest first."""
+    table = table_of(AuditRecord)
+    with engine.connect() as db:
+        recorded = [from_json(row.event) for row in db.execute(select(table).order_by(table.c.id))]
+    return [event for event in recorded if event.event_id == audit_events.SECURITY_ALERT
+            and any(o.object_id.startswith("MLLP port") for o in event.objects)]
+
+
 def wait_until(condition: Callable[[], object], seconds: float = 20) -> None:
     deadline = time.monotonic() + seconds
     while not condition():
@@ -168,6 +180,23 @@ def test_a_client_without_an_accepted_certificate_is_refused_and_logged(pki: Pki
     expected = {"no certificate": "PEER_DID_NOT_RETURN_A_CERTIFICATE", "untrusted CA": "unable to get local issuer",
                 "expired": "certificate has expired"}[which]
     assert expected in failure["reason"], failure
+
+
+def test_a_refused_client_is_a_security_alert(engine: Engine, pki: Pki) -> None:
+    writer = AuditWriter(engine, 0.05)
+    try:
+        with tls_server(pki, audit=writer, ae_title="BROKER") as thread:
+            port = thread.server.tls_port
+            assert refused(port, refused_client_context(pki, "untrusted CA"))
+            wait_until(lambda: mllp_alerts(engine))
+    finally:
+        writer.close()
+    [alert] = mllp_alerts(engine)
+    assert alert.event_type == (audit_events.NODE_AUTHENTICATION,) and alert.outcome == audit_events.MINOR_FAILURE
+    assert alert.requestor is not None and (alert.requestor.user_id, alert.requestor.host) == ("unknown", HOST)
+    assert "unable to get local issuer" in alert.outcome_description
+    assert [o.object_id for o in alert.objects] == [f"MLLP port {port}"]
+    assert [p.user_id for p in alert.participants if not p.is_requestor] == ["BROKER"]
 
 
 def test_tls_1_1_is_refused_and_tls_1_2_accepted_with_openssl_s_client(pki: Pki) -> None:
@@ -261,6 +290,10 @@ def test_broker_run_serves_mllp_over_tls_only_and_refuses_bad_clients(
     assert started["hl7_tls_port"] == tls_port and not started["hl7_port"]
     listening = next(event for event in events if event["event"] == "mllp.listening")
     assert listening["tls_port"] == tls_port and listening["port"] is None  # no plain port
+    alerts = mllp_alerts(engine)  # recorded where the handshake failed: in the intake process if there is one
+    assert [alert.outcome_description for alert in alerts] == reasons
+    assert {(alert.requestor.host if alert.requestor else "", alert.objects[0].object_id) for alert in alerts} == {
+        (HOST, f"MLLP port {tls_port}")}
     if processes != "0":
         handed = [event for event in events if event["event"] == "hl7.connection_handed_off"]
         assert len(handed) == 9 and all(event["tls"] for event in handed)  # 5 served, 4 refused
