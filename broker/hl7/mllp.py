@@ -740,13 +740,20 @@ class MLLPServer:
         """The TLS handshake of a connection from the TLS port, within ``handshake_timeout`` in all.
 
         A failure ends only this connection: logged with the peer and the reason, and recorded as a
-        Security Alert (node authentication). One cut short by :meth:`stop` is neither.
+        Security Alert (node authentication). One cut short by :meth:`stop` is neither, nor is a
+        connection closed before its first byte (a port probe, a load balancer's health check).
         """
         sock = conn.sock
         assert isinstance(sock, ssl.SSLSocket)
         self._enter(conn, _Phase.READING)  # stop() wakes a handshake waiting for the peer as it wakes a read
-        sock.settimeout(self._handshake_timeout)  # CPython bounds the whole handshake by it, not each read
+        deadline = time.monotonic() + self._handshake_timeout
+        sock.settimeout(self._handshake_timeout)
         try:
+            # A peek at the TCP stream (under the TLS layer): is anything coming at all?
+            if not socket.socket.recv(sock, 1, socket.MSG_PEEK):
+                raise _Close("closed_before_handshake")
+            # CPython bounds the whole handshake by the socket's timeout, not each read.
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))
             sock.do_handshake()
         except (OSError, ValueError) as exc:  # ssl.SSLError, TimeoutError and resets are OSErrors
             if self._closing.is_set():

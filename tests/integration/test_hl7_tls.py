@@ -223,6 +223,28 @@ def test_a_client_that_never_completes_the_handshake_costs_only_its_connection(p
     assert failure["reason"] == "handshake not completed in time"
 
 
+def test_a_port_probe_is_no_handshake_failure(engine: Engine, pki: Pki) -> None:
+    """A connection closed before its first byte (a load balancer's health check) is neither logged as a
+    failed handshake nor audited; one that sends something else than TLS is both."""
+    writer = AuditWriter(engine, 0.05)
+    try:
+        with tls_server(pki, audit=writer) as thread, structlog.testing.capture_logs() as logs:
+            socket.create_connection((HOST, thread.server.tls_port), timeout=5).close()
+            wait_until(lambda: any(e.get("reason") == "closed_before_handshake" for e in logs))
+            with socket.create_connection((HOST, thread.server.tls_port), timeout=5) as plain:
+                plain.sendall(encode_frame(b"MSH|in clear text"))
+                try:
+                    answer = plain.recv(100)
+                except ConnectionResetError:
+                    answer = b""
+                assert b"ACK" not in answer  # the server's alert or close, never an ACK
+                wait_until(lambda: failures(logs))
+            writer.flush()
+    finally:
+        writer.close()
+    assert len(failures(logs)) == 1 and len(mllp_alerts(engine)) == 1
+
+
 def test_plain_and_tls_ports_share_the_connection_limit(pki: Pki) -> None:
     with tls_server(pki, plain=True, max_connections=2) as thread, \
             MLLPClient(HOST, thread.server.port) as plain, \
