@@ -37,6 +37,11 @@ def _parser() -> argparse.ArgumentParser:
     procedure = commands.add_parser("procedure", help="a procedure's state and timeline")
     procedure.add_argument("accession", help="the Accession Number")
     procedure.add_argument("--json", action="store_true", help="print JSON")
+    token = commands.add_parser("token", help="API tokens").add_subparsers(dest="token_command", required=True)
+    token_hash = token.add_parser("hash", help="print the BROKER_API_TOKENS_FILE line of a token read from "
+                                               "standard input (the file holds its SHA-256, not the token)")
+    token_hash.add_argument("--role", choices=("read", "write", "audit"), default="read")
+    token_hash.add_argument("--label", default="", help="who uses the token (shown in logs and audit records)")
     audit = commands.add_parser("audit", help="search the audit trail (newest first)")
     audit.add_argument("--since", type=_moment, help="recorded at or after (ISO date or date-time, local time)")
     audit.add_argument("--until", type=_moment, help="recorded before (ISO date or date-time, local time)")
@@ -108,6 +113,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"broker: no procedure with accession number {args.accession}", file=sys.stderr)
                 return 1
             print(report)
+        elif args.command == "token":
+            from broker.web.auth import token_line
+
+            secret = sys.stdin.readline().rstrip("\r\n")
+            if len(secret) < 16:
+                raise StartupError("a token has at least 16 characters (give it on standard input)")
+            print(token_line(secret, args.role, " ".join(args.label.split())))
         elif args.command == "audit":
             from broker.audit.report import audit_report
             from broker.store.session import make_engine

@@ -27,6 +27,8 @@ from broker.intake.build import build_intake
 from broker.intake.processes import IntakeProcesses
 from broker.intake.service import Intake
 from broker.store.session import make_engine
+from broker.tls import server_context
+from broker.web import server as web_server
 from broker.web.server import start_with_broker
 
 log = structlog.get_logger(__name__)
@@ -43,6 +45,10 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    web_server.check(settings)  # a bad tokens file or HTTPS certificate stops the start before any listener
+    # Before the intake processes: a certificate or key that cannot be read stops the start right here.
+    hl7_tls = (server_context(settings, require_client_cert=settings.hl7_tls_require_client_cert)
+               if settings.hl7_tls_port else None)
     intake: Intake | None = None
     intake_processes: IntakeProcesses | None = None
     if settings.hl7_processes:
@@ -58,7 +64,11 @@ async def serve(settings: Settings) -> None:
     audit = AuditWriter(audit_engine, settings.audit_flush_interval) if settings.audit_enabled else None
     shipper = AuditShipper(settings, audit_engine) if settings.audit_enabled else None
     # With intake processes this process only accepts, and passes each connection to one of them.
-    server = MLLPServer(intake, host=settings.hl7_host, port=settings.hl7_port,
+    # The plain and the TLS port (each 0 = none) share one server and its connection limit.
+    server = MLLPServer(intake, host=settings.hl7_host, port=settings.hl7_port or None,
+                        tls_port=settings.hl7_tls_port or None, tls_context=hl7_tls,
+                        handshake_timeout=settings.tls_handshake_timeout, ae_title=settings.ae_title,
+                        audit=audit,
                         max_message_bytes=settings.hl7_max_message_bytes,
                         idle_timeout=settings.hl7_idle_timeout,
                         max_connections=settings.hl7_max_connections, workers=settings.hl7_workers,
@@ -90,9 +100,11 @@ async def serve(settings: Settings) -> None:
             raise StartupError(f"cannot listen on DICOM port {exc.port}: {exc.strerror}") from exc
         raise StartupError(f"cannot set up TLS for the DICOM port: {exc}") from exc
     acceptors = processes.start_acceptors(settings, count, settings.dicom_processes - 1) if several else []
-    web = await start_with_broker(settings)
-    log.info("broker.started", hl7_port=server.port, dicom_port=dicom.plain_port,
-             dicom_tls_port=dicom.tls_port, hl7_processes=settings.hl7_processes,
+    web = await start_with_broker(settings, audit)
+    log.info("broker.started", hl7_port=settings.hl7_port and server.port,
+             hl7_tls_port=settings.hl7_tls_port and server.tls_port, dicom_port=dicom.plain_port,
+             dicom_tls_port=dicom.tls_port,
+             hl7_processes=settings.hl7_processes,
              dicom_processes=settings.dicom_processes,
              ae_title=settings.ae_title,
              database=_safe_url(settings.database_url), queue="redis" if settings.redis_url else "embedded")

@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import select
 
 from broker.reports import procedure_details
+from broker.web.access_audit import note_patients, patient_ref
 from broker.web.auth import ReadAccess
 from broker.web.listing import PROCEDURES, STEPS, ProcedureFilter, list_procedures, summaries
 
@@ -106,6 +107,7 @@ async def procedures(
             return list_procedures(db, wanted, limit, offset)
 
     total, items = await asyncio.to_thread(read)
+    note_patients(request, (patient_ref(i["patient_id"], i["issuer_of_patient_id"]) for i in items))
     return {"total": total, "limit": limit, "offset": offset, "items": items}
 
 
@@ -124,6 +126,7 @@ async def procedure(request: Request, procedure_id: int, _: ReadAccess) -> dict[
     found = await asyncio.to_thread(read)
     if found is None:
         raise HTTPException(404, f"no procedure {procedure_id}")
+    note_patients(request, [patient_ref(found["patient_id"], found["issuer_of_patient_id"])])
     return found
 
 
@@ -143,6 +146,7 @@ async def worklist_items(request: Request, procedure_id: int, _: ReadAccess) -> 
     items = await asyncio.to_thread(read)
     if items is None:
         raise HTTPException(404, f"no procedure {procedure_id}")
+    note_patients(request, (_item_patient(item) for item in items))
     return JSONResponse(items, media_type=DICOM_JSON)
 
 
@@ -158,4 +162,14 @@ async def worklist_item(request: Request, step_id: int, _: ReadAccess) -> JSONRe
     item = await asyncio.to_thread(read)
     if item is None:
         raise HTTPException(404, f"no step {step_id}")
+    note_patients(request, [_item_patient(item)])
     return JSONResponse(item, media_type=DICOM_JSON)
+
+
+def _item_patient(item: Any) -> str:
+    """PatientID (0010,0020) with IssuerOfPatientID (0010,0021) of a DICOM JSON worklist item."""
+    def first(tag: str) -> str:
+        values = (item.get(tag) or {}).get("Value") or [""]
+        return str(values[0])
+
+    return patient_ref(first("00100020"), first("00100021"))
