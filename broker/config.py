@@ -217,15 +217,6 @@ class Settings(BaseSettings):
         parse_ae_certificates(value)
         return value
 
-    @field_validator("dicom_tls_peers")
-    @classmethod
-    def _tls_peers_are_peers(cls, value: str, info: ValidationInfo) -> str:
-        peers = parse_peers(info.data.get("dicom_peers", ""))
-        unknown = [ae for ae in _comma_list(value) if ae not in peers]
-        if unknown:
-            raise ValueError(f"{unknown[0]!r} is not one of BROKER_DICOM_PEERS")
-        return value
-
     @field_validator("audit_repository")
     @classmethod
     def _valid_audit_repository(cls, value: str) -> str:
@@ -242,6 +233,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _tls_is_complete(self) -> Settings:
+        unknown = [ae for ae in _comma_list(self.dicom_tls_peers) if ae not in self.peers]
+        if unknown:  # here, not in a field validator: dicom_peers is declared after dicom_tls_peers
+            raise ValueError(f"BROKER_DICOM_TLS_PEERS: {unknown[0]!r} is not one of BROKER_DICOM_PEERS")
         listeners = {"BROKER_DICOM_TLS_PORT": self.dicom_tls_port, "BROKER_HL7_TLS_PORT": self.hl7_tls_port,
                      "BROKER_HTTP_TLS_PORT": self.http_tls_port}
         uses_tls = [name for name, port in listeners.items() if port]

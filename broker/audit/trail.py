@@ -28,10 +28,11 @@ from datetime import datetime
 from typing import Any, Literal
 
 import structlog
-from sqlalchemy import Connection, Engine, Insert, insert
+from sqlalchemy import Connection, Engine, Insert, bindparam, insert, select
 
 from broker.audit.events import AuditEvent, Participant
 from broker.audit.stored import to_json
+from broker.store.prepared import Prepared
 from broker.store.tables import AuditRecord, AuditRecordPatient, table_of
 
 log = structlog.get_logger(__name__)
@@ -44,9 +45,18 @@ EARLY_FLUSH = 2_000
 
 _records = table_of(AuditRecord)
 _patients = table_of(AuditRecordPatient)
-_INSERT_ONE: Insert = insert(_records).returning(_records.c.id)
 _INSERT_MANY: Insert = insert(_records).returning(_records.c.id, sort_by_parameter_order=True)
 _INSERT_PATIENTS: Insert = insert(_patients)
+# record() runs in the HL7 intake's transaction of every order: its statements are Prepared, as the
+# intake's own (broker.store.prepared), the key comes from lastrowid on SQLite (no RETURNING), and on
+# PostgreSQL a record naming one patient (every Order / Patient / Procedure Record) is one statement.
+_RECORD_RETURNING = Prepared(insert(_records).returning(_records.c.id))
+_RECORD_PLAIN = Prepared(insert(_records))
+_RECORD_PATIENT = Prepared(insert(_patients))
+_new_record = insert(_records).values(
+    {c.name: bindparam(c.name, type_=c.type) for c in _records.c if c.name != "id"}).returning(_records.c.id).cte("r")
+_RECORD_WITH_PATIENT = Prepared(insert(_patients).from_select(
+    ["patient_id", "record_id"], select(bindparam("patient_id", type_=_patients.c.patient_id.type), _new_record.c.id)))
 
 
 def _local(now: datetime) -> datetime:
@@ -88,10 +98,15 @@ def _patient_rows(record_id: int, event: AuditEvent) -> list[dict[str, Any]]:
 
 def record(db: Connection, event: AuditEvent, now: datetime) -> None:
     """Add ``event`` to the caller's transaction (nothing is recorded if it rolls back)."""
-    record_id = db.execute(_INSERT_ONE, _row(event, now)).scalar_one()
-    patients = _patient_rows(record_id, event)
-    if patients:
-        db.execute(_INSERT_PATIENTS, patients)
+    row = _row(event, now)
+    patients = list(_searchable_ids(event.patient_ids))
+    if db.dialect.name == "postgresql" and len(patients) == 1:
+        _RECORD_WITH_PATIENT.rowcount(db, {**row, "patient_id": patients[0]})
+        return
+    record_id = (_RECORD_PLAIN.lastrowid(db, row) if db.dialect.name == "sqlite"
+                 else _RECORD_RETURNING.scalar(db, row))
+    for patient_id in patients:
+        _RECORD_PATIENT.rowcount(db, {"record_id": record_id, "patient_id": patient_id})
 
 
 def record_many(db: Connection, batch: Sequence[tuple[AuditEvent, datetime]]) -> None:

@@ -412,12 +412,10 @@ def ups_event(number: int, subscriber: str) -> Event:
 
 
 def outbound_settings(pki: Pki, database_url: str, peer: str, tls_peer: str, **extra: Any) -> Settings:
-    settings = load_settings(database_url=database_url, redis_url="", dicom_host="127.0.0.1",
-                             dicom_port=free_port(), dicom_peers=peer, tls_certificate=pki.server_cert,
-                             tls_private_key=pki.server_key, tls_ca_bundle=pki.ca, dicom_dimse_timeout=5, **extra)
-    # Set after validation: the settings check dicom_tls_peers against dicom_peers before they have
-    # read dicom_peers (declared later), so any value is refused there for now.
-    return settings.model_copy(update={"dicom_tls_peers": tls_peer})
+    return load_settings(database_url=database_url, redis_url="", dicom_host="127.0.0.1",
+                         dicom_port=free_port(), dicom_peers=peer, dicom_tls_peers=tls_peer,
+                         tls_certificate=pki.server_cert, tls_private_key=pki.server_key, tls_ca_bundle=pki.ca,
+                         dicom_dimse_timeout=5, **extra)
 
 
 def test_ups_event_reports_go_to_a_tls_subscriber_with_the_brokers_certificate(pki: Pki,

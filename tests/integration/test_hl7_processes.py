@@ -53,7 +53,9 @@ def start(database_url: str, **settings: str) -> Iterator[Broker]:
     env = env_for(database_url, BROKER_HL7_PORT=str(port), BROKER_HL7_PROCESSES="2",
                   BROKER_DICOM_PORT=str(free_port()), BROKER_HTTP_PORT=str(http_port),
                   BROKER_API_TOKENS=f"{READ_TOKEN}:read", **settings)
-    with broker_run(env, port, http_port) as process:
+    # Ready once HTTP listens (started after the MLLP port is bound). A probe of the MLLP port would
+    # count against BROKER_HL7_MAX_CONNECTIONS until its intake process reports it closed.
+    with broker_run(env, http_port) as process:
         yield Broker(process, port, http_port)
 
 

@@ -98,3 +98,25 @@ def test_comma_separated_settings_are_read_as_lists(monkeypatch: pytest.MonkeyPa
     s = load_settings()
     assert s.allowed_callers == [("CT01", ""), ("MR1", "10.0.0.5")]
     assert s.hidden_statuses == frozenset({"COMPLETED", "CANCELED"})
+
+
+def test_tls_settings_are_checked_together(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A TLS port needs a certificate and key, a TLS peer must be a peer, an AE binding needs a CA."""
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not read here")
+    monkeypatch.setenv("BROKER_DICOM_PEERS", "ARCHIVE@10.0.0.9:104,SUB@10.0.0.8:104")
+    monkeypatch.setenv("BROKER_DICOM_TLS_PEERS", "ARCHIVE")
+    monkeypatch.setenv("BROKER_TLS_CA_BUNDLE", str(ca))
+    assert load_settings().tls_peers == frozenset({"ARCHIVE"})
+    monkeypatch.setenv("BROKER_DICOM_TLS_PEERS", "PACS")
+    with pytest.raises(SettingsError, match="BROKER_DICOM_TLS_PEERS: 'PACS' is not one of BROKER_DICOM_PEERS"):
+        load_settings()
+    monkeypatch.delenv("BROKER_DICOM_TLS_PEERS")
+    monkeypatch.setenv("BROKER_DICOM_TLS_PORT", "2762")
+    with pytest.raises(SettingsError, match="BROKER_DICOM_TLS_PORT needs BROKER_TLS_CERTIFICATE"):
+        load_settings()
+    monkeypatch.delenv("BROKER_DICOM_TLS_PORT")
+    monkeypatch.delenv("BROKER_TLS_CA_BUNDLE")
+    monkeypatch.setenv("BROKER_DICOM_TLS_AE_CERTIFICATES", "CT01=cn:ct01.example.org")
+    with pytest.raises(SettingsError, match="needs BROKER_TLS_CA_BUNDLE"):
+        load_settings()
