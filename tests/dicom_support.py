@@ -4,7 +4,6 @@ failures, or never), an MPPS SCP forward target, and the broker's own pieces sta
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,14 +22,10 @@ from broker.config import Settings
 from broker.dicom.server import DicomServer
 from broker.dicom.workflow import Workflow
 from broker.store.session import make_engine
+from tests.ports import free_port
 
 STGCMT_INSTANCE = "1.2.840.10008.1.20.1.1"
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def wait_until(condition: Callable[[], object], seconds: float = 20.0, what: str = "condition") -> None:

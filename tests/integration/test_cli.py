@@ -18,15 +18,11 @@ import pytest
 from broker.hl7.mllp_client import MLLPClient, MLLPError
 from tests.conftest import ROOT, sample
 from tests.hl7_support import msa_code
+from tests.ports import free_port
 
 pytestmark = pytest.mark.integration
 BROKER = [sys.executable, "-m", "broker"]
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def env_for(database_url: str, **extra: str) -> dict[str, str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -40,6 +39,7 @@ from broker.mapping.rules import MappingSet
 from broker.store import migrate
 from broker.store.session import make_engine
 from tests.integration.test_dicom_acceptor import associate_raw
+from tests.ports import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore:Invalid value for VR")]
 
@@ -100,11 +100,6 @@ RULES: dict[str, Rule] = {
         {"S1", "S2", "S3", "S4"}),
 }
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @dataclass
