@@ -156,7 +156,8 @@ async function main() {
     const [got] = await send(get);
     result.get = got.status;
     result.state = got.dataset ? got.dataset.ProcedureStepState : null;
-    await waitFor(() => received.filter((e) => e.uid === uid).length >= 3, 20000);
+    // Wait for the last report (COMPLETED): four are expected, and they may arrive after the N-GET.
+    await waitFor(() => received.some((e) => e.uid === uid && e.state === 'COMPLETED'), 20000);
     result.events = received;
   } catch (e) {
     result.error = String(e && e.stack ? e.stack : e);
