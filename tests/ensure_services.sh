@@ -52,6 +52,10 @@ command -v findscu >/dev/null && echo "dcmtk: $(findscu --version | head -1)" ||
   || apt_install rsyslog rsyslog-openssl
 [ -x /usr/sbin/rsyslogd ] && echo "rsyslog: $(/usr/sbin/rsyslogd -v | head -1)" || { echo "rsyslog: could not install"; exit 1; }
 
+# --- HAProxy (the cluster tests put it in front of several `broker run` nodes; the tests start their own) ---
+command -v haproxy >/dev/null || apt_install haproxy
+command -v haproxy >/dev/null && echo "haproxy: $(haproxy -v | head -1)" || { echo "haproxy: could not install"; exit 1; }
+
 # --- Chromium (the status board's browser test; Playwright drives Debian's build, nothing is downloaded) ---
 command -v chromium >/dev/null || apt_install chromium
 command -v chromium >/dev/null && echo "chromium: $(chromium --version 2>/dev/null | head -1)" || { echo "chromium: could not install"; exit 1; }
