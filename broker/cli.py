@@ -9,8 +9,12 @@ import json
 import sys
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from broker import __version__
+
+if TYPE_CHECKING:
+    from broker.config import Settings
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -23,6 +27,14 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--concurrency", type=int, default=2)
     db = commands.add_parser("db", help="database schema").add_subparsers(dest="db_command", required=True)
     db.add_parser("upgrade", help="migrate the database to the newest schema")
+    purge = db.add_parser("purge", help="apply the retention settings now and print what was removed")
+    purge.add_argument("--dry-run", action="store_true", help="count what would be removed, change nothing")
+    backup = db.add_parser("backup", help="copy the database to FILE consistently, also while the broker runs "
+                                          "(SQLite: the backup API; PostgreSQL: pg_dump -Fc)")
+    backup.add_argument("file", type=Path)
+    restore = db.add_parser("restore", help="put a backup FILE into the configured database (stop the broker "
+                                            "first; PostgreSQL: pg_restore --clean)")
+    restore.add_argument("file", type=Path)
     mapping = commands.add_parser("mapping", help="HL7 -> DICOM mapping tools")
     mapping_commands = mapping.add_subparsers(dest="mapping_command", required=True)
     test = mapping_commands.add_parser("test", help="print the worklist item(s) a message would produce, "
@@ -83,11 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             make_celery(settings).worker_main(["worker", "--loglevel", settings.log_level,
                                                "--concurrency", str(args.concurrency)])
         elif args.command == "db":
-            from broker.store import migrate
-            from broker.store.session import make_engine
-
-            migrate.upgrade(make_engine(settings.database_url))
-            print("database is at the newest schema")
+            return _db(args, settings)
         elif args.command == "mapping":
             from broker.intake.preview import preview
 
@@ -136,6 +144,40 @@ def main(argv: list[str] | None = None) -> int:
         print(f"broker: {exc.strerror or exc}: {getattr(exc, 'filename', '') or ''}".rstrip(": "),
               file=sys.stderr)
         return 2
+    return 0
+
+
+def _db(args: argparse.Namespace, settings: Settings) -> int:
+    """``broker db upgrade | purge | backup | restore``; returns the exit status."""
+    from broker.retention.backup import BackupError, backup, restore
+    from broker.store.session import make_engine
+
+    if args.db_command == "upgrade":
+        from broker.store import migrate
+
+        migrate.upgrade(make_engine(settings.database_url))
+        print("database is at the newest schema")
+    elif args.db_command == "purge":
+        from broker.retention import apply_retention
+
+        engine = make_engine(settings.database_url, pool_size=1)
+        try:
+            report = apply_retention(settings, engine, datetime.now(), dry_run=args.dry_run)
+        finally:
+            engine.dispose()
+        print("dry run: nothing was changed; would remove:" if args.dry_run else "removed:")
+        print("\n".join(report.lines()))
+    else:
+        try:
+            if args.db_command == "backup":
+                result = backup(settings.database_url, args.file)
+                print(f"backup written to {result.path} ({result.size} bytes, {result.method})")
+            else:
+                method = restore(settings.database_url, args.file)
+                print(f"restored {args.file} into the configured database ({method})")
+        except BackupError as exc:
+            print(f"broker: {exc}", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -132,6 +132,16 @@ class Settings(BaseSettings):
     audit_flush_interval: float = Field(0.2, gt=0)
     audit_retry_max: float = Field(30, gt=0)
 
+    # --- retention (broker.retention): what leaves the database when; 0 days = kept for ever ---
+    retention_procedure_days: int = Field(30, ge=0)
+    retention_timeline: Literal["keep", "export", "delete"] = "export"
+    retention_export_dir: str = "var/retention"
+    retention_stale_step_grace_hours: float = Field(24, ge=0)
+    retention_hl7_days: int = Field(30, ge=0)
+    retention_outbox_days: int = Field(7, ge=0)
+    retention_interval: float = Field(3600, gt=0)
+    retention_batch_size: int = Field(1000, ge=1)
+
     log_format: Literal["json", "console"] = "json"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_patient_data: bool = False
