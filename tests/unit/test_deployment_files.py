@@ -14,7 +14,27 @@ def compose() -> dict:  # type: ignore[type-arg]
 
 
 def test_compose_has_the_four_services() -> None:
-    assert set(compose()["services"]) == {"redis", "postgres", "broker", "worker"}
+    """`docker compose up` (no profile) starts these four; the `cluster` profile's services only with it."""
+    default = {name for name, service in compose()["services"].items() if not service.get("profiles")}
+    assert default == {"redis", "postgres", "broker", "worker"}
+
+
+def test_the_cluster_profile_adds_a_node_a_worker_and_haproxy_with_its_config() -> None:
+    services = compose()["services"]
+    cluster = {name for name, service in services.items() if "cluster" in service.get("profiles", [])}
+    assert cluster == {"broker2", "worker2", "haproxy"}
+    assert services["broker2"]["environment"] == services["broker"]["environment"]
+    assert services["worker2"]["environment"] == services["worker"]["environment"]
+    assert services["broker2"]["depends_on"]["broker"]["condition"] == "service_healthy"  # node 1 migrates
+    assert "/readyz" in " ".join(services["broker"]["healthcheck"]["test"])
+    [mount] = services["haproxy"]["volumes"]
+    source, target = mount.split(":")[:2]
+    assert target == "/usr/local/etc/haproxy/haproxy.cfg" and (ROOT / source).is_file()
+    config = (ROOT / source).read_text()
+    env = services["broker"]["environment"]
+    for port in (env["BROKER_HL7_PORT"], env["BROKER_DICOM_PORT"], env["BROKER_HTTP_PORT"]):
+        assert f"broker:{port}" in config and f"broker2:{port}" in config and f"bind :{port}" in config
+    assert "option httpchk GET /readyz" in config and "on-marked-down shutdown-sessions" in config
 
 
 def test_broker_and_worker_are_built_from_the_repo_dockerfile() -> None:
