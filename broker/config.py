@@ -107,6 +107,11 @@ class Settings(BaseSettings):
     event_poll_interval: float = Field(0.5, gt=0)
     outbox_vacuum_interval: float = Field(10, ge=0)  # PostgreSQL; 0 = autovacuum only
 
+    # --- cluster: several 'broker run' nodes on one database ---
+    node_id: str = ""  # empty = <host name>-<pid>
+    cluster_lease_seconds: float = Field(30, gt=0)
+    cluster_heartbeat_interval: float = Field(5, gt=0)
+
     # --- status board and REST API ---
     http_host: str = "0.0.0.0"
     http_port: int = Field(8080, ge=0, le=65535)  # 0 = no plain HTTP server in 'broker run'

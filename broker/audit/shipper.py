@@ -12,6 +12,13 @@ nothing tells whether a datagram arrived; a record is delivered once handed to t
 
 With ``audit_repository`` empty nothing is sent; the records stay in the database (``broker audit``,
 ``GET /api/audit``) until their retention ends.
+
+In a cluster every node runs a shipper, but only the holder of the lease ``audit-shipper`` sends: two
+senders would send the same records twice and out of order. The others stand by, asking for the lease
+about once a second, and one takes over when the holder stops (it releases the lease) or dies (its
+lease expires after ``cluster_lease_seconds``). The holder renews it every third of that, also while
+it backs off from an unreachable repository. The retention pass is a periodic job of ``broker run``
+(:func:`apply_retention`, on one node at a time: :mod:`broker.cluster.periodic`).
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ from broker.audit.events import SUCCESS
 from broker.audit.stored import from_json
 from broker.audit.syslog import MAX_DATAGRAM, TlsSender, UdpSender, message
 from broker.audit.xml import render
+from broker.cluster import leases
+from broker.cluster.nodes import node_id_for
 from broker.config import Settings
 from broker.store.tables import AuditRecord, AuditRecordPatient, table_of
 from broker.tls import client_context
@@ -42,6 +51,9 @@ IDLE_POLL = 0.25
 """Seconds between looks at the outbox when it was empty."""
 RETENTION_EVERY = 3600.0
 """Seconds between two retention passes (and one at start)."""
+LEASE = "audit-shipper"
+STANDBY_POLL = 1.0
+"""Seconds between a standing-by shipper's asks for the lease (at most; less for short leases)."""
 
 
 def source_id(settings: Settings) -> str:
@@ -70,12 +82,21 @@ def purge_expired(engine: Engine, retention_days: int, now: datetime) -> int:
     return int(deleted or 0)
 
 
-class AuditShipper:
-    """Sends the undelivered records; :meth:`start` runs it in a thread until :meth:`stop`."""
+def apply_retention(settings: Settings, engine: Engine) -> int:
+    """The retention pass (a periodic job of ``broker run``): :func:`purge_expired` with the settings."""
+    return purge_expired(engine, settings.audit_retention_days, datetime.now())
 
-    def __init__(self, settings: Settings, engine: Engine) -> None:
+
+class AuditShipper:
+    """Sends the undelivered records while it holds the lease ``audit-shipper`` (``holder``: this node,
+    by default); :meth:`start` runs it in a thread until :meth:`stop`."""
+
+    def __init__(self, settings: Settings, engine: Engine, holder: str | None = None) -> None:
         self.settings = settings
         self.engine = engine
+        self.holder = holder or node_id_for(settings)
+        self.lease_seconds = settings.cluster_lease_seconds
+        self.active = False  # holds the lease: this node's shipper is the one that sends
         self._destination = settings.audit_destination
         self._source_id = source_id(settings)
         self._hostname = socket.gethostname()
@@ -130,19 +151,36 @@ class AuditShipper:
                        .values(delivered_at=datetime.now(), attempts=_records.c.attempts + 1))
         return len(ids)
 
+    def _hold_lease(self) -> bool:
+        """Take or renew the lease; logs when this shipper becomes the sender or stands by."""
+        try:
+            holding = leases.try_acquire(self.engine, LEASE, self.holder, self.lease_seconds)
+        except Exception as exc:  # the database is away: sending needs it too; try again later
+            log.warning("audit.lease_failed", error=type(exc).__name__)
+            holding = False
+        if holding != self.active:
+            log.info("audit.shipper_active" if holding else "audit.shipper_standby", holder=self.holder)
+            self.active = holding
+        return holding
+
     def run(self) -> None:
-        """Ship until :meth:`stop`, backing off after failures; purge expired records now and then."""
+        """Ship until :meth:`stop` while holding the lease, backing off after failures; stand by without it."""
         delay = 0.0
-        next_purge = 0.0
         failures = 0
+        renew_every = self.lease_seconds / 3
+        standby_poll = min(STANDBY_POLL, renew_every)
+        renewed = -renew_every
+        retry_at = 0.0
         while not self._stop.is_set():
             now = time.monotonic()
-            if now >= next_purge:
-                next_purge = now + RETENTION_EVERY
-                try:
-                    purge_expired(self.engine, self.settings.audit_retention_days, datetime.now())
-                except Exception as exc:  # the database is down: the next pass tries again
-                    log.warning("audit.purge_failed", error=type(exc).__name__)
+            if not self.active or now - renewed >= renew_every:
+                if not self._hold_lease():
+                    self._stop.wait(standby_poll)
+                    continue
+                renewed = now
+            if now < retry_at:  # backing off; woken in time to renew the lease meanwhile
+                self._stop.wait(min(retry_at - now, max(0.0, renewed + renew_every - now)))
+                continue
             try:
                 sent = self.ship_once()
             except Exception as exc:  # repository or database unreachable: back off, retry for ever
@@ -150,7 +188,7 @@ class AuditShipper:
                 delay = min(self.settings.audit_retry_max, max(delay * 2, 0.25))
                 log.warning("audit.delivery_failed", error=type(exc).__name__, reason=str(exc)[:200],
                             attempt=failures, retry_in=delay)
-                self._stop.wait(delay)
+                retry_at = time.monotonic() + delay
                 continue
             if failures:
                 log.info("audit.delivery_resumed", after_failures=failures)
@@ -163,13 +201,16 @@ class AuditShipper:
         self._thread.start()
 
     def stop(self, drain_seconds: float = 0.0) -> None:
-        """Stop after the batch in flight; then, for up to ``drain_seconds``, send what is still waiting
-        (the Application Stop record, recorded just before). What is left is sent by the next start."""
+        """Stop after the batch in flight; then, if this shipper holds (or can take) the lease, for up to
+        ``drain_seconds`` send what is still waiting (the Application Stop record, recorded just before),
+        and let the lease go so that another node's shipper takes over at once. What is left is sent by
+        that node, or by the next start."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
         deadline = time.monotonic() + drain_seconds
-        while self._destination is not None and time.monotonic() < deadline:
+        sending = drain_seconds > 0 and self._destination is not None and self._hold_lease()
+        while sending and time.monotonic() < deadline:
             try:
                 if self.ship_once() == 0:
                     break
@@ -179,4 +220,10 @@ class AuditShipper:
         if self._sender is not None:
             self._sender.close()
             self._sender = None
+        if self.active:
+            try:
+                leases.release(self.engine, LEASE, self.holder)
+            except Exception as exc:  # the lease expires by itself
+                log.warning("audit.lease_failed", error=type(exc).__name__, at_stop=True)
+            self.active = False
 

@@ -8,8 +8,10 @@ event of the same order waits in the database, not in the queue. After publishin
 Redis flushed, a queue purged) it is published again once that lease has passed.
 
 The relay is woken by the services after a commit that queued events (``wake``), so a status
-message does not wait for the poll; it also polls every ``event_poll_interval`` seconds, and runs
-the Storage Commitment timeout sweep every ``sweep_every`` seconds.
+message does not wait for the poll; it also polls every ``event_poll_interval`` seconds. Every node of
+a cluster runs a relay: the conditional update that marks a row before publishing lets one relay
+publish it per lease period, whichever node it is on. What must run on one node at a time (the Storage
+Commitment timeout sweep, :meth:`Relay.vacuum`) is a job of :class:`broker.cluster.periodic.PeriodicJobs`.
 
 Publishing: with ``BROKER_REDIS_URL`` set, to Celery on Redis (``workers.tasks.run_event``); with it
 empty, to a thread pool in this process that runs the same :class:`EventRunner`.
@@ -18,7 +20,6 @@ empty, to a thread pool in this process that runs the same :class:`EventRunner`.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
@@ -66,17 +67,12 @@ class Relay:
     """Publishes due events; :meth:`start` runs it in a daemon thread until :meth:`stop`."""
 
     def __init__(self, engine: Engine, publish: Publish, *, poll_interval: float = 0.5, lease_seconds: float = 60.0,
-                 batch: int = 200, sweep: Callable[[], object] | None = None, sweep_every: float = 30.0,
-                 vacuum_every: float = 0.0, clock: Callable[[], datetime] = datetime.now) -> None:
+                 batch: int = 200, clock: Callable[[], datetime] = datetime.now) -> None:
         self.engine = engine
         self.publish = publish
         self.poll_interval = poll_interval
         self.lease_seconds = lease_seconds
         self.batch = batch
-        self.sweep = sweep
-        self.sweep_every = sweep_every
-        # VACUUM is PostgreSQL's; SQLite reuses the pages of deleted rows by itself
-        self.vacuum_every = vacuum_every if engine.dialect.name == "postgresql" else 0.0
         self.clock = clock
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -97,8 +93,6 @@ class Relay:
             self._thread.join(timeout)
 
     def _loop(self) -> None:
-        next_sweep = time.monotonic() + self.sweep_every
-        next_vacuum = time.monotonic() + self.vacuum_every
         while not self._stop.is_set():
             self._wake.clear()
             try:
@@ -106,29 +100,17 @@ class Relay:
             except Exception:
                 log.exception("relay.failed")
                 published = 0
-            if self.sweep is not None and time.monotonic() >= next_sweep:
-                next_sweep = time.monotonic() + self.sweep_every
-                try:
-                    self.sweep()
-                except Exception:
-                    log.exception("relay.sweep_failed")
-            if self.vacuum_every and time.monotonic() >= next_vacuum:
-                next_vacuum = time.monotonic() + self.vacuum_every
-                try:
-                    self.vacuum()
-                except Exception:
-                    log.exception("relay.vacuum_failed")
             if published:
                 self._stop.wait(PUBLISH_GAP)
             if published < self.batch:  # a full batch: more may be due at once
                 self._wake.wait(self.poll_interval)
 
     def vacuum(self) -> None:
-        """``VACUUM ANALYZE outbox`` (PostgreSQL): the outbox is a queue, each row inserted, updated two or
-        three times and deleted or marked done within seconds. Between autovacuum's runs (a minute
-        apart at best) its dead rows and stale statistics made the due-event search walk tens of
-        thousands of dead index entries (50-140 ms a poll at 800 UPS event reports/s, measured); a
-        vacuum of the small live table takes well under 0.1 s."""
+        """``VACUUM ANALYZE outbox`` (PostgreSQL; the periodic job ``outbox-vacuum``): the outbox is a
+        queue, each row inserted, updated two or three times and deleted or marked done within seconds.
+        Between autovacuum's runs (a minute apart at best) its dead rows and stale statistics made the
+        due-event search walk tens of thousands of dead index entries (50-140 ms a poll at 800 UPS event
+        reports/s, measured); a vacuum of the small live table takes well under 0.1 s."""
         with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as db:
             db.exec_driver_sql("VACUUM ANALYZE outbox")
 

@@ -1,7 +1,8 @@
 """Building the event path of a process from the settings: the runner, the relay, the embedded worker.
 
-``broker run`` starts an :class:`EventPath` (relay thread; with no Redis also the in-process worker);
-a Celery worker process builds only a runner (workers.tasks).
+``broker run`` starts an :class:`EventPath` (relay thread; with no Redis also the in-process worker;
+the periodic jobs of the event path, run on one node of the cluster at a time); a Celery worker process
+builds only a runner (workers.tasks).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 import structlog
 from sqlalchemy import Engine
 
+from broker.cluster.nodes import node_id_for
+from broker.cluster.periodic import PeriodicJobs
 from broker.config import Settings
 from broker.dicom.workflow import Workflow, build_workflow
 from broker.events.handlers import build_batch_handlers, build_handlers
@@ -43,11 +46,14 @@ def sweep_interval(settings: Settings) -> float:
 @dataclass
 class EventPath:
     """The relay and (embedded queue) the in-process worker of ``broker run``, plus the workflow
-    services the DICOM edge calls; their commits wake the relay."""
+    services the DICOM edge calls; their commits wake the relay. ``jobs``: this node's periodic jobs
+    (the Storage Commitment timeout sweep, the outbox VACUUM on PostgreSQL; ``broker run`` adds more),
+    each run on one node of the cluster at a time."""
 
     relay: Relay
     worker: InProcessWorker | None
     workflow: Workflow
+    jobs: PeriodicJobs
 
     @classmethod
     def start(cls, settings: Settings, engine: Engine) -> EventPath:
@@ -68,20 +74,26 @@ class EventPath:
             worker = InProcessWorker(build_runner(settings, engine, commitment))
             publish = worker.publish
         relay = Relay(engine, publish, poll_interval=settings.event_poll_interval,
-                      lease_seconds=settings.event_lease_seconds, sweep=commitment.sweep_timeouts,
-                      sweep_every=sweep_interval(settings), vacuum_every=settings.outbox_vacuum_interval)
+                      lease_seconds=settings.event_lease_seconds)
         wakers.append(relay.wake)
         if worker is not None:
             worker.runner.on_done = relay.wake  # a done event may unblock the next of its key
         relay.start()
+        jobs = PeriodicJobs(engine, node_id_for(settings), settings.cluster_lease_seconds)
+        jobs.add("stgcmt-timeouts", sweep_interval(settings), commitment.sweep_timeouts)
+        # VACUUM is PostgreSQL's; SQLite reuses the pages of deleted rows by itself
+        if settings.outbox_vacuum_interval and engine.dialect.name == "postgresql":
+            jobs.add("outbox-vacuum", settings.outbox_vacuum_interval, relay.vacuum)
+        jobs.start()
         log.info("events.started", queue="redis" if settings.redis_url else "embedded",
                  stgcmt_sweep_every=sweep_interval(settings))
-        return cls(relay, worker, build_workflow(settings, engine, relay.wake))
+        return cls(relay, worker, build_workflow(settings, engine, relay.wake), jobs)
 
     def wake(self) -> None:
         self.relay.wake()
 
     def stop(self) -> None:
+        self.jobs.stop()
         self.relay.stop()
         if self.worker is not None:
             self.worker.shutdown()

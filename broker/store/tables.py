@@ -471,6 +471,40 @@ class AuditRecordPatient(Base):
                                            index=True)
 
 
+class ClusterLease(Base):
+    """A named lease: what one holder (a node, or one process's association pool) may do alone for a while.
+
+    ``expires_at``: the holder renews before it; past it anyone may take the lease over (a dead holder).
+    Times are UTC without time zone, from PostgreSQL's clock on PostgreSQL (one clock for every node),
+    from the process's clock on SQLite (one host). ``wanted_by``: another holder waits for the lease
+    and asks this one to let go (a subscriber's association, see :mod:`broker.cluster.handoff`).
+    """
+
+    __tablename__ = "cluster_leases"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(200))
+    acquired_at: Mapped[datetime] = mapped_column(DateTime)
+    expires_at: Mapped[datetime] = mapped_column(DateTime)
+    wanted_by: Mapped[str | None] = mapped_column(String(200), nullable=True)
+
+
+class ClusterNode(Base):
+    """A ``broker run`` process of the cluster: registered at start, its heartbeat renewed every
+    ``cluster_heartbeat_interval``, ``stopped_at`` set when it stops cleanly. A node is live while it
+    has not stopped and its heartbeat is recent (UTC, as :class:`ClusterLease`)."""
+
+    __tablename__ = "cluster_nodes"
+
+    node_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255), default="")
+    pid: Mapped[int] = mapped_column(Integer, default=0)
+    ae_title: Mapped[str] = mapped_column(String(16), default="")
+    started_at: Mapped[datetime] = mapped_column(DateTime)
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime)
+    stopped_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
 def table_of(model: type[Base]) -> Table:
     """The Core table of a model: the hot paths use Core statements on the same tables."""
     return cast(Table, model.__table__)

@@ -226,18 +226,22 @@ def test_relay_publishes_a_burst_as_a_few_tasks_in_order(engine: Engine) -> None
 
 
 
-def test_the_relay_vacuums_the_outbox_on_postgresql(engine: Engine) -> None:
-    """On PostgreSQL the relay runs VACUUM ANALYZE on the outbox every ``outbox_vacuum_interval``: the
-    dead rows of a busy queue slowed its due-event search between autovacuum runs. SQLite has no
-    VACUUM to run for it (freed pages are reused)."""
-    relay = Relay(engine, lambda ids: None, poll_interval=0.05, vacuum_every=0.2)
-    if engine.dialect.name != "postgresql":
-        assert relay.vacuum_every == 0
-        return
-    with engine.begin() as db:
-        db.exec_driver_sql("SELECT pg_stat_reset_single_table_counters('outbox'::regclass)")
-    relay.start()
+def test_the_outbox_is_vacuumed_on_postgresql(engine: Engine, database_url: str) -> None:
+    """On PostgreSQL ``broker run`` runs VACUUM ANALYZE on the outbox every ``outbox_vacuum_interval`` (a
+    periodic job of the event path, on one node of the cluster at a time): the dead rows of a busy queue
+    slowed the relay's due-event search between autovacuum runs. SQLite has no VACUUM to run for it
+    (freed pages are reused)."""
+    from broker.config import load_settings
+    from broker.events.wiring import EventPath
+
+    path = EventPath.start(load_settings(database_url=database_url, outbox_vacuum_interval=0.2,
+                                         event_poll_interval=0.05), engine)
     try:
+        if engine.dialect.name != "postgresql":
+            assert "outbox-vacuum" not in path.jobs.names()
+            return
+        with engine.begin() as db:
+            db.exec_driver_sql("SELECT pg_stat_reset_single_table_counters('outbox'::regclass)")
         deadline = time.monotonic() + 10
         vacuumed = None
         while vacuumed is None and time.monotonic() < deadline:
@@ -246,5 +250,5 @@ def test_the_relay_vacuums_the_outbox_on_postgresql(engine: Engine) -> None:
                 vacuumed = db.exec_driver_sql("SELECT last_vacuum FROM pg_stat_user_tables "
                                               "WHERE relname = 'outbox'").scalar()
     finally:
-        relay.stop()
+        path.stop()
     assert vacuumed is not None
