@@ -32,9 +32,9 @@ from sqlalchemy import Engine
 
 from broker.store import migrate
 from broker.store.session import make_engine
-from tests.conftest import ROOT
 from tests.ports import free_port
 
+ROOT = Path(__file__).resolve().parents[1]
 BROKER = [sys.executable, "-m", "broker"]
 TEMPLATE = ROOT / "config" / "haproxy" / "cluster.cfg.template"
 TOKEN = "cluster-read-token-0123456789"
@@ -299,15 +299,17 @@ class Cluster:
 
 @contextmanager
 def running_cluster(database_url: str, workdir: Path, *, nodes: int = 2, workers: int = 2, haproxy: bool = True,
-                    worker_concurrency: int = 1, **settings: str) -> Iterator[Cluster]:
+                    worker_concurrency: int = 1, overrides: dict[str, str] | None = None,
+                    **settings: str) -> Iterator[Cluster]:
     """Start ``nodes`` broker nodes and ``workers`` Celery workers on a migrated ``database_url`` and a Redis
     of their own, and HAProxy in front of the nodes; wait until every node is ready (and UP in HAProxy);
-    stop everything at the end (also when start-up fails). ``settings`` override :data:`TEST_SETTINGS`."""
+    stop everything at the end (also when start-up fails). ``overrides`` and ``settings`` (names as in
+    ``broker/config.py``) override :data:`TEST_SETTINGS`."""
     engine = make_engine(database_url, pool_size=4)
     migrate.upgrade(engine)
     redis = RedisServer(workdir)
     redis.start()
-    values = {**TEST_SETTINGS, **settings, "database_url": database_url, "redis_url": redis.url,
+    values = {**TEST_SETTINGS, **(overrides or {}), **settings, "database_url": database_url, "redis_url": redis.url,
               "hl7_host": "127.0.0.1", "dicom_host": "127.0.0.1", "http_host": "127.0.0.1", "log_format": "json"}
     env = base_env(**values)
     cluster = Cluster(database_url, engine, workdir, redis,
