@@ -3,6 +3,12 @@ event path (outbox relay, and with no Redis the in-process worker).
 
 The runtime refuses to start on a database that is not at the newest migration: running new code
 on an old schema could store items that a later migration cannot read.
+
+Several ``broker run`` processes may share one database as a cluster (``broker.cluster``): each is a
+node of the registry, the periodic jobs (Storage Commitment timeouts, outbox VACUUM, audit retention,
+data retention) run on one node at a time, one node's audit shipper sends, and the UPS subscribers
+hear RESTARTED only when the first node of a stopped cluster starts and GOING DOWN only when the last
+live node stops.
 """
 
 from __future__ import annotations
@@ -15,8 +21,10 @@ import structlog
 from sqlalchemy import Engine
 
 from broker.audit.events import application_activity
-from broker.audit.shipper import AuditShipper
+from broker.audit.shipper import RETENTION_EVERY, AuditShipper, apply_retention
 from broker.audit.trail import AuditWriter, broker_participant, record
+from broker.cluster.nodes import Node
+from broker.cluster.periodic import PeriodicJobs
 from broker.config import Settings, StartupError
 from broker.dicom import processes
 from broker.dicom.listeners import DicomListeners, DicomPortUnavailable
@@ -100,6 +108,7 @@ async def serve(settings: Settings) -> None:
             raise StartupError(f"cannot listen on DICOM port {exc.port}: {exc.strerror}") from exc
         raise StartupError(f"cannot set up TLS for the DICOM port: {exc}") from exc
     acceptors = processes.start_acceptors(settings, count, settings.dicom_processes - 1) if several else []
+    add_jobs(events.jobs, settings, audit_engine)
     web = await start_with_broker(settings, audit)
     log.info("broker.started", hl7_port=settings.hl7_port and server.port,
              hl7_tls_port=settings.hl7_tls_port and server.tls_port, dicom_port=dicom.plain_port,
@@ -111,12 +120,20 @@ async def serve(settings: Settings) -> None:
     if shipper is not None:
         await asyncio.to_thread(_application_activity, audit_engine, settings, True)
         shipper.start()
-    # UPS subscribers hear of the start (SCP Status Change, RESTARTED); nothing is queued without any.
-    await asyncio.to_thread(events.workflow.ups.scp_status_change, "RESTARTED")
+    # This node joins the cluster's registry; UPS subscribers hear of the start (SCP Status Change,
+    # RESTARTED) when no other node was live (the SCP, the whole cluster, was down); nothing is queued
+    # without subscribers.
+    node_engine = make_engine(settings.database_url, pool_size=1)
+    node = Node.from_settings(settings, node_engine)
+    await asyncio.to_thread(events.workflow.ups.scp_status_change, "RESTARTED", node.join)
+    node.start_heartbeat()
     await stop.wait()
     log.info("broker.stopping")
-    # ... and of the shutdown (GOING DOWN), delivered while the event path still runs.
-    await asyncio.to_thread(events.workflow.ups.going_down, settings.ups_shutdown_wait)
+    # ... and of the shutdown (GOING DOWN) when this is the last live node, delivered while the event
+    # path still runs. One node of several stopping leaves the SCP up: the others serve on.
+    node.stop_heartbeat()
+    await asyncio.to_thread(events.workflow.ups.going_down, settings.ups_shutdown_wait, node.leave)
+    node_engine.dispose()
     if web is not None:
         await web.stop()
     await asyncio.to_thread(processes.stop_acceptors, acceptors)
@@ -130,6 +147,15 @@ async def serve(settings: Settings) -> None:
     await asyncio.to_thread(_close_audit, audit, shipper)
     audit_engine.dispose()
     log.info("broker.stopped")
+
+
+def add_jobs(jobs: PeriodicJobs, settings: Settings, audit_engine: Engine) -> None:
+    """The periodic jobs ``broker run`` adds to those of the event path (one node of the cluster runs
+    each at a time): the audit retention pass (at start, then hourly). The data retention of
+    ``broker.retention`` (``apply_retention(settings, engine, now)`` every ``retention_interval``)
+    is registered here as the job ``retention`` once that package is part of the broker."""
+    if settings.audit_enabled:
+        jobs.add("audit-retention", RETENTION_EVERY, lambda: apply_retention(settings, audit_engine), first_after=0)
 
 
 def _application_activity(engine: Engine, settings: Settings, started: bool) -> None:

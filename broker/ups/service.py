@@ -508,26 +508,37 @@ class UpsService(TransactionalService):
         return Outcome(SUCCESS)
 
     # --- SCP status ----------------------------------------------------------------------------------
-    def scp_status_change(self, scp_status: str) -> list[str]:
+    def scp_status_change(self, scp_status: str, only_if: Callable[[Connection], bool] | None = None) -> list[str]:
         """SCP Status Change (event type 4) to every subscriber: "RESTARTED" at start, "GOING DOWN" at
-        shutdown. Returns the event ids (none without subscribers)."""
+        shutdown. Returns the event ids (none without subscribers).
+
+        ``only_if``: decides in the same transaction whether the change is the whole SCP's (in a
+        cluster: this node joins a cluster that had no live node, or it is the last live node to
+        leave, :class:`broker.cluster.nodes.Node`); false queues nothing. Subscribers hear of the
+        SCP, which is the cluster, not of one node behind the load balancer."""
         queued: list[str] = []
+        decided: list[bool] = []
 
         def work(db: Connection) -> Outcome:
-            aes = notify.all_subscribers(db)
-            queued.extend(notify.notify(db, aes, view.GLOBAL_SUBSCRIPTION, notify.SCP_STATUS_CHANGE,
-                                        notify.scp_status_info(scp_status), self.clock()))
+            decided.append(only_if is None or only_if(db))
+            if decided[-1]:
+                aes = notify.all_subscribers(db)
+                queued.extend(notify.notify(db, aes, view.GLOBAL_SUBSCRIPTION, notify.SCP_STATUS_CHANGE,
+                                            notify.scp_status_info(scp_status), self.clock()))
             return Outcome(SUCCESS)
 
         self.in_transaction(work, "ups.scp_status")
         if queued:
             log.info("ups.scp_status_change", scp_status=scp_status, subscribers=len(queued))
+        elif decided and not decided[-1]:
+            log.info("ups.scp_status_unchanged", scp_status=scp_status, reason="other nodes are live")
         return queued
 
-    def going_down(self, wait: float) -> bool:
-        """At shutdown: tell the subscribers (type 4, GOING DOWN) and wait up to ``wait`` seconds for the
-        reports to be delivered, while the event path still runs. Returns whether all were."""
-        queued = self.scp_status_change("GOING DOWN")
+    def going_down(self, wait: float, only_if: Callable[[Connection], bool] | None = None) -> bool:
+        """At shutdown: tell the subscribers (type 4, GOING DOWN; ``only_if`` as for
+        :meth:`scp_status_change`) and wait up to ``wait`` seconds for the reports to be delivered,
+        while the event path still runs. Returns whether all were."""
+        queued = self.scp_status_change("GOING DOWN", only_if)
         deadline = time.monotonic() + wait
         while queued and time.monotonic() < deadline:
             with self.engine.connect() as db:
