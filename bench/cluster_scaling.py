@@ -22,8 +22,8 @@ status messages. Every client goes through HAProxy, as in a department. Three ph
 First the idle cluster's CPU for ``--idle-seconds`` (health checks, relay polls, lease renewals: what N
 nodes cost when nothing happens). Reported per phase: operations/s (HL7 messages ACKed, C-FIND queries
 answered, MPPS N-CREATE + N-SET answered), and CPU milliseconds per operation of each kind of process,
-from /proc: the broker nodes, the workers, HAProxy, Redis, PostgreSQL (every ``postgres`` process of the
-machine: run it on an otherwise idle server) and this client process. The MPPS figures count the CPU
+from /proc: the broker nodes, the workers, HAProxy, Redis, PostgreSQL (the backends serving the cluster's
+database, found in ``pg_stat_activity``) and this client process. The MPPS figures count the CPU
 until the statuses were delivered, so the relay and the workers' sending are in them. The machine has 2
 cores: two nodes cannot be faster here; the point is the CPU per operation of each process and where the
 bottleneck is.
@@ -55,7 +55,6 @@ from bench.hl7_throughput import (  # noqa: E402
     MessageFactory,
     fresh_database,
     machine_facts,
-    named_cpu_seconds,
     tree_cpu_seconds,
 )
 from bench.mpps_pipeline import Step, TestRis, drain, run_raw_client  # noqa: E402
@@ -68,8 +67,20 @@ BENCH_SETTINGS = {"log_level": "WARNING", "hl7_workers": "8", "event_poll_interv
                   "event_lease_seconds": "60", "ris_hl7_ack_timeout": "10"}
 
 
-def cpu_snapshot(cluster: Cluster) -> dict[str, float]:
-    """CPU seconds so far of each kind of process of the cluster, of PostgreSQL, and of this process."""
+def backend_cpu(cluster: Cluster) -> dict[int, float]:
+    """CPU seconds so far of each PostgreSQL backend serving the cluster's database (by pid). Only these:
+    the server may serve other databases at the same time, and its other processes are not the cluster's."""
+    from sqlalchemy import text
+
+    with cluster.engine.connect() as db:
+        pids = db.execute(text("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                               "AND pid <> pg_backend_pid()")).scalars().all()
+    return {int(pid): tree_cpu_seconds(int(pid)) or 0.0 for pid in pids}
+
+
+def cpu_snapshot(cluster: Cluster) -> dict[str, Any]:
+    """CPU seconds so far of each kind of process of the cluster, of its database's PostgreSQL backends
+    (by pid), and of this process."""
     def total(pids: list[int]) -> float:
         return sum(tree_cpu_seconds(pid) or 0.0 for pid in pids)
 
@@ -80,14 +91,22 @@ def cpu_snapshot(cluster: Cluster) -> dict[str, float]:
         "workers": total([w.process.pid for w in cluster.workers if w.process is not None]),
         "haproxy": total([cluster.haproxy.process.pid]),
         "redis": total([cluster.redis.process.pid]),
-        "postgres": named_cpu_seconds("postgres"),
+        "postgres": backend_cpu(cluster),
         "client": time.process_time(),
     }
 
 
-def per_operation(before: dict[str, float], after: dict[str, float], operations: int) -> dict[str, float]:
+def spent_seconds(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
+    """CPU seconds between two snapshots; a backend that started in between counts from zero (one that
+    ended in between is lost: the nodes' pools keep theirs open)."""
+    spent = {name: after[name] - before[name] for name in before if name != "postgres"}
+    spent["postgres"] = sum(cpu - before["postgres"].get(pid, 0.0) for pid, cpu in after["postgres"].items())
+    return spent
+
+
+def per_operation(before: dict[str, Any], after: dict[str, Any], operations: int) -> dict[str, float]:
     """CPU milliseconds per operation of each kind of process, and their total."""
-    spent = {name: (after[name] - before[name]) * 1000 / max(operations, 1) for name in before}
+    spent = {name: seconds * 1000 / max(operations, 1) for name, seconds in spent_seconds(before, after).items()}
     spent["total"] = sum(spent.values())
     return spent
 
@@ -221,8 +240,8 @@ def run_cluster(nodes: int, args: argparse.Namespace, factory: MessageFactory, w
             before = cpu_snapshot(cluster)
             time.sleep(args.idle_seconds)
             after = cpu_snapshot(cluster)
-            result["idle_cpu_percent"] = {name: 100 * (after[name] - before[name]) / args.idle_seconds
-                                          for name in before}
+            result["idle_cpu_percent"] = {name: 100 * seconds / args.idle_seconds
+                                          for name, seconds in spent_seconds(before, after).items()}
             print(f"{nodes} node(s): HL7 ...", flush=True)
             result["hl7"] = measured(cluster, lambda: hl7_phase(proxy.hl7_port, factory, args.hl7_senders,
                                                                  args.seconds))
