@@ -264,6 +264,7 @@ def run_cluster(nodes: int, args: argparse.Namespace, factory: MessageFactory, w
 
             result["mpps"] = measured(cluster, lambda: mpps_phase(proxy.dicom_port, steps, args.mpps_clients), settle)
             result["mpps"].update(drained)
+            result["postgres_backends"] = len(backend_cpu(cluster))  # the cluster's open connections
             result["ris_messages"] = ris.messages
     finally:
         ris.stop()
@@ -281,6 +282,8 @@ def print_report(report: dict[str, Any]) -> None:
             cpu = r["cpu_ms_per_op"]
             print(f"{phase:8} {run['nodes']:>5} {r['ops_per_s']:>8.1f} {r['failed']:>6}             "
                   + " ".join(f"{cpu[n]:>8.2f}" for n in names))
+    print("PostgreSQL connections of the cluster after the load: "
+          + ", ".join(f"{run['nodes']} node(s) {run['postgres_backends']}" for run in report["runs"]))
     print("idle cluster, CPU % of one core: "
           + "; ".join(f"{run['nodes']} node(s): " + ", ".join(f"{name} {value:.1f}" for name, value in
                                                               run["idle_cpu_percent"].items() if name != "client")
