@@ -20,12 +20,12 @@ from pydicom import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import ModalityPerformedProcedureStep  # type: ignore[attr-defined]
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from broker.domain.ups_identity import derived_ups_uid
 from broker.hl7.message import parse
 from broker.hl7.mllp_client import MLLPClient
-from broker.store.tables import InboundMessage, OutboxEvent, ScheduledStep, table_of
+from broker.store.tables import InboundMessage, OutboxEvent, ScheduledStep, StepTransition, table_of
 from tests.cluster_support import TOKEN, Cluster, Node, running_cluster, wait_until
 from tests.conftest import module_database
 from tests.events_support import TestRis, mpps_create, mpps_final
@@ -47,6 +47,7 @@ from tests.mwl_support import Order, omi
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 STEPS = table_of(ScheduledStep)
 MESSAGES = table_of(InboundMessage)
+TRANSITIONS = table_of(StepTransition)
 
 
 @pytest.fixture(scope="module")
@@ -186,6 +187,58 @@ def test_a_ups_claimed_on_one_node_is_completed_on_the_other_and_subscribers_hea
             watcher.release()
 
 
+def at_both_nodes_at_once(cluster: Cluster, call: Any) -> list[Any]:
+    """``call(node)`` for both nodes in two threads released together; the results in node order."""
+    gate = threading.Barrier(2)
+
+    def one(node: Node) -> Any:
+        gate.wait()
+        return call(node)
+
+    with ThreadPoolExecutor(2) as pool:
+        return list(pool.map(one, cluster.nodes))
+
+
+def test_two_modalities_claiming_one_ups_at_two_nodes_at_once_one_wins(cluster: Cluster) -> None:
+    """Two stations pull the same workitem at the same moment through different nodes: exactly one claim
+    succeeds, the other is told the UPS is already in progress (C302), and the step was started once."""
+    node1, _ = cluster.nodes
+    for n in range(6):
+        order = Order(sps=f"RACE{n}", station="CT01")
+        assert msa(send(node1, omi(order)))[0] == "AA"
+        row = step(cluster, order.sps)
+        uid = derived_ups_uid(row.study_instance_uid, row.sps_id)
+
+        def claim(node: Node, uid: str = uid) -> int:
+            assoc = ups_scu(node.dicom_port, "CT01")
+            try:
+                return change_state(assoc, uid, "IN PROGRESS", str(generate_uid()))
+            finally:
+                assoc.release()
+
+        outcomes = at_both_nodes_at_once(cluster, claim)
+        assert sorted(outcomes) == [0x0000, 0xC302], [hex(o) for o in outcomes]
+        with cluster.engine.connect() as db:
+            started = db.execute(select(func.count()).select_from(TRANSITIONS).where(
+                TRANSITIONS.c.step_fk == row.id, TRANSITIONS.c.to_status == "STARTED")).scalar_one()
+        assert started == 1
+
+
+def test_one_mpps_created_at_two_nodes_at_once_is_stored_once(cluster: Cluster) -> None:
+    """A modality that repeats an N-CREATE through the other node while the first is in flight: one is
+    stored (0000), the other is a duplicate SOP instance (0111), never a processing failure."""
+    node1, _ = cluster.nodes
+    for n in range(6):
+        order = Order(sps=f"MRACE{n}", station="CT01")
+        assert msa(send(node1, omi(order)))[0] == "AA"
+        row = step(cluster, order.sps)
+        uid = str(generate_uid())
+        outcomes = at_both_nodes_at_once(
+            cluster, lambda node, row=row, uid=uid: mpps(node, uid, mpps_create(row.study_instance_uid, row.sps_id),
+                                                         create=True))
+        assert sorted(outcomes) == [0x0000, 0x0111], [hex(o) for o in outcomes]
+
+
 def mpps_scu(node: Node) -> Any:
     ae = AE(ae_title="CT01")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
@@ -215,7 +268,7 @@ def test_mpps_across_nodes_and_the_ris_gets_each_status_once_in_order(cluster: C
     orders = [Order(sps=f"MPPS{n}", station="CT01") for n in range(12)]
     for order in orders:
         assert msa(send(node1, omi(order)))[0] == "AA"
-    before = len(ris.messages)
+    ours = {f"PL{o.sps}" for o in orders}  # the RIS also gets the statuses of the other tests' orders
 
     def perform(n: int, order: Order) -> None:
         row = step(cluster, order.sps)
@@ -230,20 +283,26 @@ def test_mpps_across_nodes_and_the_ris_gets_each_status_once_in_order(cluster: C
     assert {step(cluster, o.sps).sps_status for o in orders} == {"COMPLETED"}
     outbox = table_of(OutboxEvent)
 
+    def received() -> tuple[dict[str, list[str]], list[str]]:
+        """Our orders' ORC-5 values in arrival order, and the control IDs of every status so far."""
+        arrived: dict[str, list[str]] = {}
+        control_ids = []
+        for text in list(ris.messages):
+            message = parse(text)
+            control_ids.append(message.value(message.msh, 10))
+            placer = message.value(message.first("ORC"), 2, 1)
+            if placer in ours:
+                arrived.setdefault(placer, []).append(message.value(message.first("ORC"), 5))
+        return arrived, control_ids
+
     def delivered() -> bool:
         with cluster.engine.connect() as db:
             statuses = db.execute(select(outbox.c.status).where(outbox.c.kind == "ris.status")).scalars().all()
-        return len(ris.messages) - before >= 2 * len(orders) and set(statuses) == {"done"}
+        return sum(map(len, received()[0].values())) >= 2 * len(orders) and set(statuses) == {"done"}
 
     wait_until(delivered, 30, "every status delivered")
     time.sleep(1.0)  # a status sent twice would arrive now
-    arrived: dict[str, list[str]] = {}
-    control_ids = []
-    for text in ris.messages[before:]:
-        message = parse(text)
-        control_ids.append(message.value(message.msh, 10))
-        arrived.setdefault(message.value(message.first("ORC"), 2, 1), []).append(
-            message.value(message.first("ORC"), 5))
+    arrived, control_ids = received()
     assert len(control_ids) == len(set(control_ids)), "a status message reached the RIS twice"
     assert arrived == {f"PL{o.sps}": ["IP", "CM"] for o in orders}
 
