@@ -10,11 +10,20 @@ the others' events go on.
 
 A subscriber in ``dicom_tls_peers`` is reached over TLS (:class:`~broker.outbound.dicom_peers.PeerTls`),
 its certificate verified; one whose certificate is not accepted fails like one that is down.
+
+One association to a subscriber at a time, for the whole cluster: every process that delivers (the
+in-process worker of each ``broker run`` node, each Celery worker process) keeps its associations open
+between events, so each holds the lease ``ups-association:<AE>`` while its association is open, and a
+process that must open one while another holds it asks that one to let go and waits up to
+:data:`HANDOFF_WAIT` seconds (:mod:`broker.cluster.handoff`); the holder's pool closes its idle
+association within :data:`~broker.cluster.handoff.POLL` seconds of the request. A delivery that cannot
+get the lease in time fails like a subscriber that is down, and is retried.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import socket
 import ssl
 import threading
@@ -22,12 +31,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from typing import Any
+from uuid import uuid4
 
 import structlog
 from pydicom.uid import PYDICOM_ROOT_UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from sqlalchemy import Engine, bindparam, delete, select
+from sqlalchemy.exc import SQLAlchemyError
 
+from broker.cluster.handoff import POLL, HandOffLeases
+from broker.cluster.nodes import node_id_for
 from broker.config import Peer, Settings
 from broker.dicom import dimse, pdu
 from broker.outbound.dicom_peers import PeerFailure, PeerTls
@@ -46,11 +60,19 @@ FORGET_EVERY = 8  # runs between two deletions of done heads (a transaction each
 # An association to a subscriber is kept open this long after its last event, for the next one: opening
 # one per event (TCP, A-ASSOCIATE, A-RELEASE) was most of the worker's CPU per event at a steady rate.
 IDLE_SECONDS = 20.0
+# How long a process waits for another process of the cluster to let go of its association to a
+# subscriber (a live holder answers within a poll, ~0.25 s; a dead one's lease must expire first).
+HANDOFF_WAIT = 5.0
 _runs = itertools.count(1)
 MAXIMUM_LENGTH = 65536
 # As the broker's acceptor names itself (broker.dicom.server), without importing the server here.
 IMPLEMENTATION_CLASS_UID = str(generate_uid(prefix=PYDICOM_ROOT_UID, entropy_srcs=["worklist-broker"]))
 IMPLEMENTATION_VERSION_NAME = "WLBROKER_UPS"
+
+
+def association_lease(ae_title: str) -> str:
+    """The lease a process holds while it keeps an association to the subscriber ``ae_title`` open."""
+    return f"ups-association:{ae_title}"
 
 
 class AssociationPool:
@@ -59,12 +81,104 @@ class AssociationPool:
     Events of one subscriber run one at a time (their ordering key), so an association is used by one
     thread at a time: :meth:`take` removes it from the pool, :meth:`give` puts it back after a
     delivery that went well. One idle longer than :data:`IDLE_SECONDS` is released, not reused.
+
+    With ``leases`` (a cluster: see the module's doc) :meth:`open` takes the subscriber's association
+    lease before it connects, and closing the association lets the lease go. A watcher thread, running
+    while the pool holds something, closes the idle associations another process asks for (and those
+    idle too long, releasing their leases); one in use when asked for is closed when it is given back.
     """
 
-    def __init__(self, idle_seconds: float = IDLE_SECONDS) -> None:
+    def __init__(self, idle_seconds: float = IDLE_SECONDS, leases: HandOffLeases | None = None,
+                 handoff_wait: float = HANDOFF_WAIT) -> None:
         self.idle_seconds = idle_seconds
+        self.leases = leases
+        self.handoff_wait = handoff_wait
         self._lock = threading.Lock()
         self._open: dict[str, tuple[EventAssociation, float]] = {}
+        self._to_close: set[str] = set()  # asked for while in use: closed when given back
+        self._watcher: threading.Thread | None = None
+
+    def reserve(self, peers: list[Peer]) -> tuple[list[str], set[str]]:
+        """Before a batch: take the association leases of its subscribers side by side (one hand-over
+        wait for the batch). Returns the leases taken (each one use, ended by :meth:`unreserve`) and the
+        AE titles refused (another process did not let go in time)."""
+        if self.leases is None or not peers:
+            return [], set()
+        names = {association_lease(peer.ae_title): peer.ae_title for peer in peers}
+        try:
+            got = self.leases.acquire_many(list(names), self.handoff_wait)
+        except SQLAlchemyError as exc:
+            log.warning("ups.association_lease_failed", error=type(exc).__name__)
+            return [], set(names.values())
+        if got:
+            self._watch()
+        return sorted(got), {ae for name, ae in names.items() if name not in got}
+
+    def unreserve(self, names: list[str]) -> None:
+        """End the uses :meth:`reserve` took; the open associations keep their own."""
+        if self.leases is not None:
+            for name in names:
+                self.leases.release(name)
+
+    def open(self, calling_ae: str, peer: Peer, timeout: float, tls: ssl.SSLContext | None) -> EventAssociation:
+        """A new association to ``peer`` (raises OSError or :class:`PeerFailure`); in a cluster once this
+        process holds the subscriber's association lease."""
+        association = EventAssociation(calling_ae, peer, timeout, tls)
+        if self.leases is not None:
+            name = association_lease(peer.ae_title)
+            try:
+                if not self.leases.acquire(name, self.handoff_wait):
+                    raise PeerFailure(f"{peer.ae_title}: another process of the cluster keeps its association "
+                                      f"open and did not let go within {self.handoff_wait:g} s")
+            except SQLAlchemyError as exc:
+                raise PeerFailure(f"{peer.ae_title}: the association lease cannot be taken: "
+                                  f"{type(exc).__name__}") from exc
+            with self._lock:
+                self._to_close.discard(peer.ae_title)
+            association.on_close = partial(self.leases.release, name)
+            self._watch()
+        try:
+            return association.open()
+        except BaseException:
+            association.close(release=False)  # lets the lease go
+            raise
+
+    def _watch(self) -> None:
+        with self._lock:
+            if self._watcher is not None and self._watcher.is_alive():
+                return
+            self._watcher = threading.Thread(target=self._watch_loop, name="ups-association-leases", daemon=True)
+            self._watcher.start()
+
+    def _watch_loop(self) -> None:
+        """Until the pool holds nothing: answer requests to let go, close what is idle too long."""
+        assert self.leases is not None
+        while True:
+            time.sleep(POLL)
+            now = time.monotonic()
+            with self._lock:
+                expired = [ae for ae, (_, since) in self._open.items() if now - since > self.idle_seconds]
+                closing = [self._open.pop(ae)[0] for ae in expired]
+            try:
+                wanted, lost = self.leases.check()
+            except Exception as exc:  # the database is away: look again at the next poll
+                log.warning("ups.association_lease_check_failed", error=type(exc).__name__)
+                wanted, lost = set(), set()
+            for name in wanted | lost:
+                ae = name.split(":", 1)[1]
+                with self._lock:
+                    found = self._open.pop(ae, None)
+                    if found is None:
+                        self._to_close.add(ae)
+                if found is not None:
+                    closing.append(found[0])
+                    log.info("ups.association_handed_over", subscriber=ae, lost=name in lost)
+            for association in closing:
+                association.close(release=True)
+            with self._lock:
+                if not self._open and not self.leases.held():
+                    self._watcher = None
+                    return
 
     def take(self, peer: Peer) -> EventAssociation | None:
         with self._lock:
@@ -79,10 +193,24 @@ class AssociationPool:
 
     def give(self, peer: Peer, association: EventAssociation) -> None:
         with self._lock:
-            previous = self._open.pop(peer.ae_title, None)
-            self._open[peer.ae_title] = (association, time.monotonic())
+            if peer.ae_title in self._to_close:  # another process waits for it
+                self._to_close.discard(peer.ae_title)
+                previous, association_kept = None, False
+            else:
+                previous = self._open.pop(peer.ae_title, None)
+                self._open[peer.ae_title] = (association, time.monotonic())
+                association_kept = True
+        if not association_kept:
+            association.close(release=True)
         if previous is not None:
             previous[0].close(release=True)
+
+    def close(self) -> None:
+        """Release every idle association (and its lease)."""
+        with self._lock:
+            idle, self._open = [association for association, _ in self._open.values()], {}
+        for association in idle:
+            association.close(release=True)
 
 
 class UnknownSubscriber(Exception):
@@ -98,7 +226,7 @@ def build_ups_event_handler(settings: Settings, engine: Engine,
     """The batch handler of the ``ups.event`` kind (see :meth:`EventRunner.run_many`)."""
     peers = settings.peers
     readers: list[Engine] = []  # made on first use: most processes never deliver a UPS event
-    pool = AssociationPool()
+    pools: list[AssociationPool] = []
     tls = PeerTls(settings)
 
     def ups_events(events: list[Event]) -> Failures:
@@ -113,9 +241,13 @@ def build_ups_event_handler(settings: Settings, engine: Engine,
                 batch.append((peer, event))
         if not readers:
             readers.append(make_engine(settings.database_url, pool_size=4, for_reading=True))
+            # this process's associations are one holder of the cluster's association leases
+            holder = f"{node_id_for(settings)}:{os.getpid()}:{uuid4().hex[:8]}"
+            pools.append(AssociationPool(leases=HandOffLeases(engine, holder, settings.cluster_lease_seconds,
+                                                              reader=readers[0])))
         delivery = deliver_many(settings.ae_title, batch, engine, settings.dicom_dimse_timeout, clock,
                                 drain_seconds=min(DRAIN_SECONDS, settings.event_lease_seconds / 4),
-                                reader=readers[0], pool=pool, tls=tls)
+                                reader=readers[0], pool=pools[0], tls=tls)
         failures.update(delivery.failures)
         return failures
 
@@ -150,10 +282,11 @@ class _Exchange:
 
 
 def _open_and_request(calling_ae: str, peer: Peer, payload: dict[str, Any], timeout: float,
-                      tls: PeerTls | None) -> EventAssociation:
+                      tls: PeerTls | None, pool: AssociationPool | None) -> EventAssociation:
     """A new association to ``peer`` with the request of ``payload`` sent on it (closed if that fails)."""
-    association = EventAssociation(calling_ae, peer, timeout,
-                                   tls.context_for(peer) if tls is not None else None).open()
+    context = tls.context_for(peer) if tls is not None else None
+    association = (pool.open(calling_ae, peer, timeout, context) if pool is not None
+                   else EventAssociation(calling_ae, peer, timeout, context).open())
     try:
         association.request(payload)
     except BaseException:
@@ -172,10 +305,11 @@ def _start(calling_ae: str, peer: Peer, payload: dict[str, Any], timeout: float,
             return _Exchange(payload, association, reused=True)
         except (OSError, PeerFailure):  # the kept association went stale (the subscriber closed it)
             association.close(release=False)
-    return _Exchange(payload, _open_and_request(calling_ae, peer, payload, timeout, tls), reused=False)
+    return _Exchange(payload, _open_and_request(calling_ae, peer, payload, timeout, tls, pool), reused=False)
 
 
-def _finish(calling_ae: str, exchange: _Exchange, timeout: float, tls: PeerTls | None) -> EventAssociation:
+def _finish(calling_ae: str, exchange: _Exchange, timeout: float, tls: PeerTls | None,
+            pool: AssociationPool | None) -> EventAssociation:
     """Read the response; a kept association that turns out stale is replaced and the report sent again."""
     try:
         exchange.association.response(exchange.payload)
@@ -184,7 +318,7 @@ def _finish(calling_ae: str, exchange: _Exchange, timeout: float, tls: PeerTls |
         exchange.association.close(release=False)
         if not exchange.reused:
             raise
-    association = _open_and_request(calling_ae, exchange.association.peer, exchange.payload, timeout, tls)
+    association = _open_and_request(calling_ae, exchange.association.peer, exchange.payload, timeout, tls, pool)
     try:
         association.response(exchange.payload)
     except BaseException:
@@ -229,15 +363,20 @@ def deliver_many(calling_ae: str, batch: list[tuple[Peer, Event]], engine: Engin
     deadline = time.monotonic() + drain_seconds
     open_by_key: dict[str, EventAssociation] = {}
     exchanges: list[tuple[Event, _Exchange]] = []
+    reserved, refused = pool.reserve([peer for peer, _ in batch]) if pool is not None else ([], set())
     try:
         for peer, event in batch:
+            if peer.ae_title in refused:
+                delivery.failures[event.id] = PeerFailure(
+                    f"{peer.ae_title}: another process of the cluster keeps its association open")
+                continue
             try:
                 exchanges.append((event, _start(calling_ae, peer, event.payload, timeout, pool, tls)))
             except (OSError, PeerFailure) as exc:
                 delivery.failures[event.id] = _as_failure(peer, exc)
         for event, exchange in exchanges:
             try:
-                open_by_key[event.ordering_key] = _finish(calling_ae, exchange, timeout, tls)
+                open_by_key[event.ordering_key] = _finish(calling_ae, exchange, timeout, tls, pool)
             except (OSError, PeerFailure) as exc:
                 delivery.failures[event.id] = _as_failure(exchange.association.peer, exc)
         while open_by_key and time.monotonic() < deadline:
@@ -259,6 +398,9 @@ def deliver_many(calling_ae: str, batch: list[tuple[Peer, Event]], engine: Engin
         for association in [*open_by_key.values(), *(exchange.association for _, exchange in exchanges)]:
             association.close(release=False)  # closing twice is harmless
         raise
+    finally:
+        if pool is not None:
+            pool.unreserve(reserved)
     for association in open_by_key.values():
         if pool is not None:
             pool.give(association.peer, association)
@@ -348,6 +490,7 @@ class EventAssociation:
         self.implicit = False
         self.peer_maximum = 16384
         self._buffer = bytearray()
+        self.on_close: Callable[[], None] | None = None  # once closed (the pool's lease let go)
 
     def open(self) -> EventAssociation:
         """Connect and associate; raises OSError or :class:`PeerFailure`."""
@@ -380,18 +523,23 @@ class EventAssociation:
 
     def __exit__(self, *exc: object) -> None:
         sock, self.sock = self.sock, None
-        if sock is None:
-            return
         try:
-            if exc[0] is None:
-                sock.sendall(pdu.header(pdu.A_RELEASE_RQ, 4) + bytes(4))
-                self._read_pdu(sock)  # A-RELEASE-RP
-            else:
-                sock.sendall(pdu.encode_abort(pdu.ABORT_SOURCE_SERVICE_USER, 0))
-        except OSError:
-            pass
+            if sock is None:
+                return
+            try:
+                if exc[0] is None:
+                    sock.sendall(pdu.header(pdu.A_RELEASE_RQ, 4) + bytes(4))
+                    self._read_pdu(sock)  # A-RELEASE-RP
+                else:
+                    sock.sendall(pdu.encode_abort(pdu.ABORT_SOURCE_SERVICE_USER, 0))
+            except (OSError, PeerFailure):
+                pass
+            finally:
+                sock.close()
         finally:
-            sock.close()
+            on_close, self.on_close = self.on_close, None
+            if on_close is not None:
+                on_close()
 
     def _associate(self) -> None:
         assert self.sock is not None
