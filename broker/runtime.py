@@ -21,7 +21,8 @@ import structlog
 from sqlalchemy import Engine
 
 from broker.audit.events import application_activity
-from broker.audit.shipper import RETENTION_EVERY, AuditShipper, apply_retention
+from broker.audit.shipper import RETENTION_EVERY, AuditShipper
+from broker.audit.shipper import apply_retention as apply_audit_retention
 from broker.audit.trail import AuditWriter, broker_participant, record
 from broker.cluster.nodes import Node
 from broker.cluster.periodic import PeriodicJobs
@@ -34,6 +35,7 @@ from broker.hl7.mllp import MLLPServer
 from broker.intake.build import build_intake
 from broker.intake.processes import IntakeProcesses
 from broker.intake.service import Intake
+from broker.retention import apply_retention
 from broker.store.session import make_engine
 from broker.tls import server_context
 from broker.web import server as web_server
@@ -89,7 +91,8 @@ async def serve(settings: Settings) -> None:
         _close_audit(audit, None)
         raise
     # The relay and workers; events.workflow holds the MPPS / IAN / commitment services for the DICOM edge.
-    events = EventPath.start(settings, make_engine(settings.database_url, pool_size=10))
+    events_engine = make_engine(settings.database_url, pool_size=10)
+    events = EventPath.start(settings, events_engine)
     several = settings.dicom_processes > 1
     count = processes.shared_count() if several else None
     # The plain and the TLS DICOM port (each 0 = none) share one association count.
@@ -108,7 +111,7 @@ async def serve(settings: Settings) -> None:
             raise StartupError(f"cannot listen on DICOM port {exc.port}: {exc.strerror}") from exc
         raise StartupError(f"cannot set up TLS for the DICOM port: {exc}") from exc
     acceptors = processes.start_acceptors(settings, count, settings.dicom_processes - 1) if several else []
-    add_jobs(events.jobs, settings, audit_engine)
+    add_jobs(events, settings, events_engine, audit_engine)
     web = await start_with_broker(settings, audit)
     log.info("broker.started", hl7_port=settings.hl7_port and server.port,
              hl7_tls_port=settings.hl7_tls_port and server.tls_port, dicom_port=dicom.plain_port,
@@ -149,13 +152,22 @@ async def serve(settings: Settings) -> None:
     log.info("broker.stopped")
 
 
-def add_jobs(jobs: PeriodicJobs, settings: Settings, audit_engine: Engine) -> None:
-    """The periodic jobs ``broker run`` adds to those of the event path (one node of the cluster runs
-    each at a time): the audit retention pass (at start, then hourly). The data retention of
-    ``broker.retention`` (``apply_retention(settings, engine, now)`` every ``retention_interval``)
-    is registered here as the job ``retention`` once that package is part of the broker."""
+RETENTION_FIRST_AFTER = 60.0
+"""Seconds after start of the first data retention pass (then every ``retention_interval``): a node
+restarted more often than the interval would otherwise never run it."""
+
+
+def add_jobs(events: EventPath, settings: Settings, engine: Engine, audit_engine: Engine) -> None:
+    """The periodic jobs ``broker run`` adds to those of the event path (each run by one node of the
+    cluster at a time): the audit retention pass (at start, then hourly) and the data retention of
+    ``broker.retention`` (every ``retention_interval``; its discontinued steps wake the relay)."""
+    jobs: PeriodicJobs = events.jobs
     if settings.audit_enabled:
-        jobs.add("audit-retention", RETENTION_EVERY, lambda: apply_retention(settings, audit_engine), first_after=0)
+        jobs.add("audit-retention", RETENTION_EVERY, lambda: apply_audit_retention(settings, audit_engine),
+                 first_after=0)
+    jobs.add("retention", settings.retention_interval,
+             lambda: apply_retention(settings, engine, datetime.now(), wake=events.wake),
+             first_after=min(RETENTION_FIRST_AFTER, settings.retention_interval))
 
 
 def _application_activity(engine: Engine, settings: Settings, started: bool) -> None:

@@ -8,10 +8,11 @@ import re
 import socket
 import threading
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
+from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, insert, select
 
 from broker.audit.events import application_activity
 from broker.audit.shipper import LEASE, AuditShipper
@@ -19,6 +20,7 @@ from broker.audit.trail import broker_participant, record
 from broker.cluster import leases
 from broker.cluster.periodic import PeriodicJobs
 from broker.config import load_settings
+from broker.outbox.outbox import OUTBOX
 from broker.store.tables import AuditRecord, table_of
 from tests.dicom_support import wait_until
 
@@ -170,3 +172,32 @@ def test_one_audit_shipper_sends_the_other_stands_by_and_takes_over(engine: Engi
         repository.close()
     nodes = [re.search(rb"NODE(\d)", message) for message in repository.messages]
     assert [int(found.group(1)) for found in nodes if found] == [0, 1, 2, 3, 4]  # each once, in order
+
+
+def test_broker_run_registers_the_retention_jobs(engine: Engine, database_url: str, tmp_path: Path) -> None:
+    """``broker run``'s jobs beside the event path's: the audit retention and the data retention, each on
+    one node at a time; the data retention's first pass soon after start (here a done outbox event a
+    week older than ``retention_outbox_days`` leaves)."""
+    from broker.events.wiring import EventPath
+    from broker.runtime import add_jobs
+
+    with engine.begin() as db:
+        db.execute(insert(OUTBOX).values(event_id="old-done", kind="ris.status", payload={}, ordering_key="k",
+                                         status="done", attempts=1, next_attempt_at=datetime(2020, 1, 1),
+                                         last_error="", created_at=datetime(2020, 1, 1),
+                                         done_at=datetime.now() - timedelta(days=8)))
+    settings = load_settings(database_url=database_url, retention_interval=0.2, retention_outbox_days=1,
+                             retention_export_dir=str(tmp_path / "export"))
+    path = EventPath.start(settings, engine)
+    try:
+        add_jobs(path, settings, engine, engine)
+        assert {"stgcmt-timeouts", "audit-retention", "retention"} <= set(path.jobs.names())
+
+        def gone() -> bool:
+            with engine.connect() as db:
+                return db.execute(select(OUTBOX.c.id).where(OUTBOX.c.event_id == "old-done")).first() is None
+
+        wait_until(gone, what="the data retention's pass")
+        assert path.jobs.holds("retention") and path.jobs.holds("audit-retention")
+    finally:
+        path.stop()
