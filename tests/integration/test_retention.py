@@ -22,6 +22,7 @@ from broker.retention import apply_retention
 from broker.store.tables import (
     AuditRecord,
     InboundMessage,
+    MppsInstance,
     Order,
     OutboxEvent,
     Patient,
@@ -286,3 +287,17 @@ def test_broker_db_purge_on_the_command_line(tmp_path: Path, mappings: MappingSe
         assert '"event": "retention.pass"' in real.stdout + real.stderr
     finally:
         engine.dispose()
+
+
+def test_unscheduled_mpps_leaves_once_final_and_old(engine: Engine, database_url: str, tmp_path: Path) -> None:
+    mpps = table_of(MppsInstance)
+    now = datetime.now()
+    with engine.begin() as db:
+        for uid, status in (("1.2.3.1", "COMPLETED"), ("1.2.3.2", "IN PROGRESS")):
+            db.execute(insert(mpps).values(sop_instance_uid=uid, status=status, step_fk=None, procedure_fk=None,
+                                           study_instance_uid="1.2.3", calling_ae="CT01", dataset={},
+                                           unscheduled=True, created_at=now, updated_at=now))
+    settings = settings_for(database_url, tmp_path)
+    assert apply_retention(settings, engine, later(29)).unlinked_records_purged == 0
+    assert apply_retention(settings, engine, later(31)).unlinked_records_purged == 1
+    assert [m.sop_instance_uid for m in _all(engine, mpps)] == ["1.2.3.2"], "one still in progress stays"
