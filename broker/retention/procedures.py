@@ -23,7 +23,7 @@ that deletes it.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -84,7 +84,6 @@ class ProcedureCounts:
     exported: int = 0
     orders: int = 0
     patients: int = 0
-    held_pks: set[int] = field(default_factory=set)
 
 
 def _candidates(before: datetime, keep_timeline: bool) -> Any:
@@ -151,7 +150,6 @@ def purge_procedures(engine: Engine, policy: RetentionPolicy, now: datetime, *, 
             held = _held(db, pks)
             chosen = [pk for pk in pks if pk not in held]
             counts.held += len(held)
-            counts.held_pks |= held
             if chosen and dry_run:
                 counts.purged += len(chosen)
                 counts.steps += db.execute(select(func.count()).select_from(STEPS)
