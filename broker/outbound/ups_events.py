@@ -16,12 +16,15 @@ in-process worker of each ``broker run`` node, each Celery worker process) keeps
 between events, so each holds the lease ``ups-association:<AE>`` while its association is open, and a
 process that must open one while another holds it asks that one to let go and waits up to
 :data:`HANDOFF_WAIT` seconds (:mod:`broker.cluster.handoff`); the holder's pool closes its idle
-association within :data:`~broker.cluster.handoff.POLL` seconds of the request. A delivery that cannot
-get the lease in time fails like a subscriber that is down, and is retried.
+association within :data:`~broker.cluster.handoff.POLL` seconds of the request. A holder that died
+loses the lease after :data:`ASSOCIATION_LEASE_SECONDS`, within the wait. A delivery that cannot get
+the lease in time fails like a subscriber that is down, and is retried. A process that ends cleanly
+releases its associations and their leases (at exit).
 """
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import os
 import socket
@@ -61,8 +64,12 @@ FORGET_EVERY = 8  # runs between two deletions of done heads (a transaction each
 # one per event (TCP, A-ASSOCIATE, A-RELEASE) was most of the worker's CPU per event at a steady rate.
 IDLE_SECONDS = 20.0
 # How long a process waits for another process of the cluster to let go of its association to a
-# subscriber (a live holder answers within a poll, ~0.25 s; a dead one's lease must expire first).
-HANDOFF_WAIT = 5.0
+# subscriber: a live holder answers within a poll (~0.1 s); a dead one's lease expires first, within
+# ASSOCIATION_LEASE_SECONDS, which the holder's watcher renews every third of it (a write a second and
+# a half per process that keeps associations). Longer than the lease, so a dead holder costs a wait,
+# not a failed delivery.
+ASSOCIATION_LEASE_SECONDS = 4.0
+HANDOFF_WAIT = 6.0
 _runs = itertools.count(1)
 MAXIMUM_LENGTH = 65536
 # As the broker's acceptor names itself (broker.dicom.server), without importing the server here.
@@ -206,11 +213,14 @@ class AssociationPool:
             previous[0].close(release=True)
 
     def close(self) -> None:
-        """Release every idle association (and its lease)."""
+        """Release every idle association (and its lease); never raises (also run at exit)."""
         with self._lock:
             idle, self._open = [association for association, _ in self._open.values()], {}
         for association in idle:
-            association.close(release=True)
+            try:
+                association.close(release=True)
+            except Exception as exc:  # the database is gone: the lease expires by itself
+                log.warning("ups.association_close_failed", error=type(exc).__name__)
 
 
 class UnknownSubscriber(Exception):
@@ -243,8 +253,10 @@ def build_ups_event_handler(settings: Settings, engine: Engine,
             readers.append(make_engine(settings.database_url, pool_size=4, for_reading=True))
             # this process's associations are one holder of the cluster's association leases
             holder = f"{node_id_for(settings)}:{os.getpid()}:{uuid4().hex[:8]}"
-            pools.append(AssociationPool(leases=HandOffLeases(engine, holder, settings.cluster_lease_seconds,
-                                                              reader=readers[0])))
+            lease = min(settings.cluster_lease_seconds, ASSOCIATION_LEASE_SECONDS)
+            pools.append(AssociationPool(leases=HandOffLeases(engine, holder, lease, reader=readers[0])))
+            # a process that ends cleanly releases its associations (A-RELEASE) and their leases at once
+            atexit.register(pools[0].close)
         delivery = deliver_many(settings.ae_title, batch, engine, settings.dicom_dimse_timeout, clock,
                                 drain_seconds=min(DRAIN_SECONDS, settings.event_lease_seconds / 4),
                                 reader=readers[0], pool=pools[0], tls=tls)

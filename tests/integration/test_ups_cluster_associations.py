@@ -85,3 +85,52 @@ def test_two_workers_never_hold_two_associations_to_one_subscriber(engine: Engin
     assert subscriber.most_open == 1
     assert subscriber.connections >= 2  # both workers delivered: the association was handed over
     assert len(holders) == 1 and None not in holders  # the last one's association is still kept
+
+
+def _report(n: int) -> Any:
+    from broker.dicom_json import element, tag_of
+    from broker.outbox.runner import Event
+
+    info = {tag_of("SCPStatus"): element("SCPStatus", "RESTARTED")}
+    return Event(n, f"event-{n}", "ups.event", {"subscriber": "SUBSCRIBER", "uid": view.GLOBAL_SUBSCRIPTION,
+                                                  "event_type": 4, "info": info}, "ups-subscriber:SUBSCRIBER", 0)
+
+
+def test_a_dead_holders_association_lease_is_taken_after_it_expires_and_a_live_one_that_keeps_it_fails_the_event(
+        engine: Engine, subscriber: Counting) -> None:
+    from broker.cluster.handoff import HandOffLeases
+    from broker.config import Peer
+    from broker.outbound.dicom_peers import PeerFailure
+    from broker.outbound.ups_events import AssociationPool, deliver
+
+    peer, name = Peer("SUBSCRIBER", "127.0.0.1", subscriber.port), association_lease("SUBSCRIBER")
+    pool = AssociationPool(leases=HandOffLeases(engine, "pool-a", 4.0), handoff_wait=3.0)
+    try:
+        assert leases.try_acquire(engine, name, "dead-worker", 1.0)  # it dies now, its lease runs out
+        started = time.monotonic()
+        assert deliver("BROKER", peer, _report(1), engine, timeout=10, pool=pool) == 1
+        assert 0.8 < time.monotonic() - started < 3.0
+        assert leases.holder_of(engine, name) == "pool-a"  # kept with the idle association
+        pool.close()
+        assert leases.holder_of(engine, name) is None  # closed: let go
+
+        stop = threading.Event()
+
+        def stubborn() -> None:  # a holder that keeps renewing and never looks at requests
+            while not stop.is_set():
+                leases.try_acquire(engine, name, "stubborn", 2.0)
+                stop.wait(0.2)
+
+        thread = threading.Thread(target=stubborn)
+        thread.start()
+        try:
+            wait_until(lambda: leases.holder_of(engine, name) == "stubborn", what="the stubborn holder")
+            with pytest.raises(PeerFailure, match="another process of the cluster"):
+                deliver("BROKER", peer, _report(2), engine, timeout=10, pool=pool)
+        finally:
+            stop.set()
+            thread.join()
+    finally:
+        pool.close()
+    assert [str(r.info.SCPStatus) for r in subscriber.received] == ["RESTARTED"]
+    assert subscriber.most_open == 1
