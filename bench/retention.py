@@ -365,6 +365,12 @@ def run(backend: str, args: argparse.Namespace) -> None:
                       f"{station_n:>3} {broad_ms:>8.2f} {broad_n:>5}", flush=True)
         print(f"total: load {totals['load']:.0f} s, retention passes {totals['purge']:.0f} s")
         print("rows per table at the end: " + ", ".join(f"{k} {v}" for k, v in counts(engine).items()))
+        if backend == "postgresql":
+            with engine.connect() as db:
+                sizes = {t.name: int(db.execute(text(f"SELECT pg_total_relation_size('{t.name}')")).scalar_one())
+                         for t in TABLES}
+            print("MB per table (with indexes and TOAST): "
+                  + ", ".join(f"{k} {v / 1e6:.1f}" for k, v in sizes.items()))
         engine.dispose()
 
 
