@@ -126,10 +126,20 @@ class Relay:
         # must not find the row locked by the relay (PostgreSQL SKIP LOCKED would skip it). The condition
         # is checked again row by row, so a row a worker ran meanwhile (running, done, or pending with a
         # later attempt time) is left alone.
+        # With several nodes (a relay each) the rows another relay is marking right now are skipped, not
+        # waited for: a relay that waited on that row lock found the row no longer due once it was
+        # released, but PostgreSQL keeps the lock it took for that re-check until the end of the
+        # statement's transaction, and the other relay's worker, claiming the row just then with SKIP
+        # LOCKED, skipped it: the event waited a whole lease (60 s) to be published again (seen with two
+        # event paths on one database).
+        rows: Any = OUTBOX.c.id.in_(ids)
+        if self.engine.dialect.name == "postgresql":
+            rows = OUTBOX.c.id.in_(select(OUTBOX.c.id).where(OUTBOX.c.id.in_(ids), _due(now))
+                                   .with_for_update(skip_locked=True))
         until = self.clock() + timedelta(seconds=self.lease_seconds)
         with self.engine.begin() as db:
             marked = sorted((row.id, row.event_id) for row in db.execute(
-                update(OUTBOX).where(OUTBOX.c.id.in_(ids), _due(now))
+                update(OUTBOX).where(rows, _due(now))
                 .values(status="pending", lease_until=until).returning(OUTBOX.c.id, OUTBOX.c.event_id)))
         published = 0
         for batch in task_batches([event_id for _, event_id in marked]):

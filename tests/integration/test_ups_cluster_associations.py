@@ -75,7 +75,7 @@ def test_two_workers_never_hold_two_associations_to_one_subscriber(engine: Engin
         for status in statuses:  # one at a time: each is its own head, taken by either node's relay
             ups.scp_status_change(status)
             time.sleep(0.15)
-        wait_until(lambda: len(subscriber.received) >= len(statuses), seconds=60, what="every report")
+        wait_until(lambda: len(subscriber.received) >= len(statuses), seconds=30, what="every report")
         time.sleep(0.5)
         holders = {leases.holder_of(engine, association_lease("SUBSCRIBER"))}
     finally:
