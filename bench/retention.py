@@ -239,23 +239,6 @@ class Simulation:
         return message_pk
 
 
-# The indexes the purge needs beyond the schema (proposed for a migration): deleting an HL7 message or a
-# patient makes the database check every foreign key that points to it, and without an index on the
-# referring column each check reads the whole referring table (PostgreSQL and SQLite alike).
-PURGE_INDEXES = (
-    ("ix_step_transitions_message", "step_transitions", "inbound_message_fk"),
-    ("ix_procedure_transitions_message", "procedure_transitions", "inbound_message_fk"),
-    ("ix_inbound_duplicate_of", "inbound_messages", "duplicate_of_id"),
-    ("ix_patients_merged_into", "patients", "merged_into_id"),
-)
-
-
-def add_purge_indexes(engine: Engine) -> None:
-    with engine.begin() as db:
-        for name, table, column in PURGE_INDEXES:
-            db.execute(text(f"CREATE INDEX IF NOT EXISTS {name} ON {table} ({column})"))
-
-
 def relay_done(engine: Engine, now: datetime) -> None:
     """What the relay would have done by the evening: every event queued today is delivered."""
     with engine.begin() as db:
@@ -326,14 +309,11 @@ def run(backend: str, args: argparse.Namespace) -> None:
             database(backend, args.pg_url, Path(tmp)) as url:
         engine = make_engine(url)
         migrate.upgrade(engine)
-        if not args.schema_only:
-            add_purge_indexes(engine)
         settings: Settings = load_settings(database_url=url, retention_export_dir=str(Path(tmp) / "export"),
                                            ris_hl7_address="127.0.0.1:2576", retention_batch_size=args.batch_size)
         simulation = Simulation(engine, args.per_day, args.seed)
         finder = WorklistFinder(engine)
-        print(f"\n{backend}: {args.days} days x {args.per_day} orders/day, batch {args.batch_size}, "
-              f"{'schema indexes only' if args.schema_only else 'with the purge indexes'}", flush=True)
+        print(f"\n{backend}: {args.days} days x {args.per_day} orders/day, batch {args.batch_size}", flush=True)
         header = (f"{'day':>4} {'orders':>8} {'size MB':>8} {'steps':>7} {'messages':>8} {'outbox':>7} "
                   f"{'load s':>6} {'purge s':>7} {'purged':>6} {'disc.':>5} {'station ms':>10} {'n':>3} "
                   f"{'broad ms':>8} {'n':>5}")
@@ -384,8 +364,6 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=10, help="print a line every N days")
     parser.add_argument("--queries", type=int, default=15, help="runs of each query, the median is shown")
     parser.add_argument("--seed", type=int, default=20261205)
-    parser.add_argument("--schema-only", action="store_true",
-                        help="without the indexes the purge needs beyond today's schema (PURGE_INDEXES)")
     parser.add_argument("--no-vacuum", action="store_true", help="PostgreSQL: leave dead rows to autovacuum")
     args = parser.parse_args()
     structlog.configure(logger_factory=structlog.ReturnLoggerFactory())  # the passes' log lines off the table

@@ -48,7 +48,9 @@ class Patient(Base):
     """A patient as the RIS/HIS identifies it: Patient ID within its Issuer (PID-3.1 / PID-3.4)."""
 
     __tablename__ = "patients"
-    __table_args__ = (UniqueConstraint("patient_id", "issuer", name="uq_patients_identity"),)
+    __table_args__ = (UniqueConstraint("patient_id", "issuer", name="uq_patients_identity"),
+                      # the purge deletes patients: each delete checks the patients merged into it
+                      Index("ix_patients_merged_into", "merged_into_id"))
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     patient_id: Mapped[str] = mapped_column(String(64))
@@ -183,7 +185,9 @@ class StepTransition(Base):
     from_status: Mapped[str] = mapped_column(String(16), default="")
     to_status: Mapped[str] = mapped_column(String(16))
     cause: Mapped[str] = mapped_column(String(200))
-    inbound_message_fk: Mapped[int | None] = mapped_column(ForeignKey("inbound_messages.id"), nullable=True)
+    # indexed: purging an HL7 message checks the transitions that name it (a full scan without it)
+    inbound_message_fk: Mapped[int | None] = mapped_column(ForeignKey("inbound_messages.id"), nullable=True,
+                                                           index=True)
 
 
 class InboundMessage(Base):
@@ -206,6 +210,7 @@ class InboundMessage(Base):
             postgresql_where=text("duplicate_of_id IS NULL AND control_id != ''"),
         ),
         Index("ix_inbound_received_at", "received_at"),
+        Index("ix_inbound_duplicate_of", "duplicate_of_id"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -243,7 +248,9 @@ class ProcedureTransition(Base):
     cause: Mapped[str] = mapped_column(String(200))
     event_kind: Mapped[str] = mapped_column(String(16), default="")
     event_ref: Mapped[str] = mapped_column(String(64), default="")
-    inbound_message_fk: Mapped[int | None] = mapped_column(ForeignKey("inbound_messages.id"), nullable=True)
+    # indexed: purging an HL7 message checks the transitions that name it (a full scan without it)
+    inbound_message_fk: Mapped[int | None] = mapped_column(ForeignKey("inbound_messages.id"), nullable=True,
+                                                           index=True)
 
 
 class MppsInstance(Base):
