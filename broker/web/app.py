@@ -26,6 +26,7 @@ from broker.web import audit as audit_trail
 from broker.web import board, events, health, messages, procedures, steps
 from broker.web.access_audit import AccessAudit
 from broker.web.auth import ReadAccess, TokenBook, read_tokens_file
+from broker.web.dicomweb import routes as dicomweb
 from broker.web.headers import SecurityHeaders
 from broker.web.live import LiveFeed
 
@@ -73,7 +74,7 @@ def create_app(settings: Settings, engine: Engine, *, intake: Intake | None = No
     app.state.audit = audit
     app.state.feed = feed
     app.state.intake = _intake_factory(settings, write_engine or engine, intake)
-    for module in (health, procedures, steps, messages, events, board, audit_trail):
+    for module in (health, procedures, steps, messages, events, board, audit_trail, dicomweb):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=board.STATIC), name="static")
     app.add_middleware(RefuseControlCharacters)
