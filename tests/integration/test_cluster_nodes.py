@@ -7,7 +7,6 @@ One cluster serves the whole module (no test here kills a node); each test uses 
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Iterator
@@ -42,6 +41,7 @@ from tests.integration.test_ups_scp import (
     n_set,
     ups_scu,
 )
+from tests.live_support import read_procedure_events
 from tests.mwl_support import Order, omi
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -313,27 +313,13 @@ def test_the_live_stream_of_one_node_shows_a_change_made_on_the_other(cluster: C
     node1, node2 = cluster.nodes
     received: list[dict[str, Any]] = []
     connected, arrived = threading.Event(), threading.Event()
-
-    def read(response: httpx.Response) -> None:
-        event = ""
-        try:
-            for line in response.iter_lines():
-                if line == ": connected":
-                    connected.set()
-                elif line.startswith("event: "):
-                    event = line[7:]
-                elif line.startswith("data: ") and event == "procedures":
-                    received.extend(json.loads(line[6:]))
-                    arrived.set()
-        except httpx.HTTPError:
-            pass
-
     order = Order(sps="LIVE1", station="CT01")
     with httpx.Client(timeout=httpx.Timeout(5, read=60)) as client, \
             client.stream("GET", f"http://127.0.0.1:{node2.http_port}/api/stream",
                           params={"token": TOKEN}) as response:
         assert response.status_code == 200
-        reader = threading.Thread(target=read, args=(response,), daemon=True)
+        reader = threading.Thread(target=read_procedure_events, args=(response, received, connected, arrived),
+                                  daemon=True)
         reader.start()
         assert connected.wait(30)
         assert msa(send(node1, omi(order)))[0] == "AA"

@@ -3,7 +3,6 @@ the HL7 intake and a state change, the poller itself, and ``broker run`` serving
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import threading
@@ -25,6 +24,7 @@ from broker.web.live import LiveFeed
 from tests.conftest import ROOT, sample
 from tests.events_support import schedule
 from tests.integration.test_cli import BROKER, env_for, free_port, run_cli, wait_for_port
+from tests.live_support import read_procedure_events
 
 pytestmark = pytest.mark.integration
 TOKEN = "board-token-0123456789"
@@ -89,22 +89,6 @@ def web(database_url: str) -> Iterator[tuple[int, subprocess.Popen[str]]]:
                 process.kill()
 
 
-def _read_events(response: httpx.Response, into: list[Any], connected: threading.Event,
-                 arrived: threading.Event) -> None:
-    event = ""
-    try:
-        for line in response.iter_lines():
-            if line == ": connected":
-                connected.set()
-            elif line.startswith("event: "):
-                event = line[7:]
-            elif line.startswith("data: ") and event == "procedures":
-                into.extend(json.loads(line[6:]))
-                arrived.set()
-    except httpx.HTTPError:
-        pass
-
-
 def test_broker_web_streams_changes_and_stops_cleanly(web: tuple[int, subprocess.Popen[str]], database_url: str,
                                                       mappings: MappingSet) -> None:
     from broker.store.session import make_engine
@@ -120,7 +104,8 @@ def test_broker_web_streams_changes_and_stops_cleanly(web: tuple[int, subprocess
             client.stream("GET", f"{base}/api/stream", params={"token": TOKEN}) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
-        reader = threading.Thread(target=_read_events, args=(response, received, connected, arrived), daemon=True)
+        reader = threading.Thread(target=read_procedure_events, args=(response, received, connected, arrived),
+                                  daemon=True)
         reader.start()
         assert connected.wait(30)  # from here on every change is reported
         scheduled = schedule(engine, mappings)
