@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -119,6 +120,12 @@ class Settings(BaseSettings):
     http_tls_require_client_cert: bool = False
     api_tokens: str = ""
     api_tokens_file: str = ""
+    timezone: str = ""  # IANA name of the board's zone; empty = the host's
+    board_wall_patient: Literal["initials", "full", "none"] = "initials"
+    board_wall_id_digits: int = Field(4, ge=0, le=20)
+    board_start_late_minutes: float = Field(15, gt=0)
+    board_expected_minutes: str = "CT=30,MR=60,US=30,CR=15,DX=15,MG=30,NM=60,PT=90,XA=60,RF=45,*=45"
+    board_images_minutes: float = Field(30, gt=0)
 
     # --- TLS, shared by every listener and by the connections the broker opens ---
     tls_certificate: str = ""
@@ -226,6 +233,22 @@ class Settings(BaseSettings):
         parse_api_tokens(value)
         return value
 
+    @field_validator("timezone")
+    @classmethod
+    def _valid_timezone(cls, value: str) -> str:
+        if value.strip():
+            try:
+                ZoneInfo(value.strip())
+            except (ZoneInfoNotFoundError, ValueError):
+                raise ValueError(f"{value!r} is not an IANA time zone name (e.g. Europe/Berlin)") from None
+        return value.strip()
+
+    @field_validator("board_expected_minutes")
+    @classmethod
+    def _valid_expected_minutes(cls, value: str) -> str:
+        parse_expected_minutes(value)
+        return value
+
     @field_validator("dicom_tls_ae_certificates")
     @classmethod
     def _valid_ae_certificates(cls, value: str) -> str:
@@ -292,6 +315,11 @@ class Settings(BaseSettings):
     def api_token_roles(self) -> dict[str, str]:
         """``api_tokens`` as token -> role (read or write)."""
         return parse_api_tokens(self.api_tokens)
+
+    @property
+    def expected_minutes(self) -> dict[str, float]:
+        """``board_expected_minutes`` as modality -> minutes (``*``: every other modality)."""
+        return parse_expected_minutes(self.board_expected_minutes)
 
     @property
     def peers(self) -> dict[str, Peer]:
@@ -380,11 +408,12 @@ def parse_peers(value: str) -> dict[str, Peer]:
     return peers
 
 
-API_ROLES = ("read", "write", "audit")
+API_ROLES = ("read", "write", "audit", "wall")
 
 
 def parse_api_tokens(value: str) -> dict[str, str]:
-    """``token:role,...`` (role read or write) as a mapping token -> role; a bad entry raises ValueError.
+    """``token:role,...`` (role read, write, audit or wall) as a mapping token -> role; a bad entry raises
+    ValueError.
 
     The entry is not echoed in the error: it holds a secret.
     """
@@ -392,7 +421,7 @@ def parse_api_tokens(value: str) -> dict[str, str]:
     for number, entry in enumerate(_comma_list(value), start=1):
         token, _, role = entry.rpartition(":")
         if not token or role not in API_ROLES:
-            raise ValueError(f"entry {number}: each entry is token:role with role read, write or audit")
+            raise ValueError(f"entry {number}: each entry is token:role with role read, write, audit or wall")
         if len(token) < 16:
             raise ValueError(f"entry {number}: a token has at least 16 characters")
         tokens[token] = role
@@ -430,6 +459,23 @@ def parse_audit_repository(value: str) -> tuple[str, str, int]:
         raise ValueError(f"{value!r}: the audit repository is tls://host:port or udp://host:port")
     host, port = _host_port(address, "the audit repository is tls://host:port or udp://host:port")
     return scheme, host, port
+
+
+def parse_expected_minutes(value: str) -> dict[str, float]:
+    """``MODALITY=minutes,...`` (``*`` for every other modality) as modality -> minutes; a bad entry
+    raises ValueError naming it."""
+    expected: dict[str, float] = {}
+    for entry in _comma_list(value):
+        modality, equals, minutes = entry.partition("=")
+        modality = modality.strip().upper()
+        try:
+            number = float(minutes)
+        except ValueError:
+            number = -1.0
+        if not equals or not modality or number <= 0:
+            raise ValueError(f"{entry!r}: each entry is MODALITY=minutes (more than 0), or *=minutes")
+        expected[modality] = number
+    return expected
 
 
 def _comma_list(value: str) -> list[str]:

@@ -1,8 +1,13 @@
-"""API tokens with a read, write or audit role, from the ``api_tokens`` setting and the file of token
-hashes (``api_tokens_file``): no token, no data.
+"""API tokens with a read, write, audit or wall role, from the ``api_tokens`` setting and the file of
+token hashes (``api_tokens_file``): no token, no data.
 
 The audit role is apart from the other two: it reads the audit trail and nothing else, and neither
 read nor write can read the audit trail (who looked at the records is not who works with them).
+
+The wall role is below read and apart from it: a token for a screen in a corridor, which the public
+can see. It reads the wall view's routes (``/api/board/wall...``: patients as initials, no birth dates,
+no archive) and is refused (403) everywhere else; read and write tokens may read the wall routes too
+(a desk can open the wall view).
 
 A client sends ``Authorization: Bearer <token>``. The browser's EventSource cannot set a header, so
 the live stream (and only it) also accepts ``?token=<token>``. Tokens are compared in constant time and
@@ -31,6 +36,7 @@ from broker.config import API_ROLES, StartupError
 ROLES = {"read": 1, "write": 2}
 """The data roles, each allowing what the lower one does; ``audit`` is outside this order."""
 AUDIT_ROLE = "audit"
+WALL_ROLE = "wall"
 _bearer = HTTPBearer(auto_error=False, description="an API token from the api_tokens setting")
 
 
@@ -115,11 +121,20 @@ def _check(request: Request, presented: str | None, needed: str) -> Caller:
     if caller is None:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "an API token is required (Authorization: Bearer)",
                             headers={"WWW-Authenticate": "Bearer"})
-    if (caller.role == AUDIT_ROLE) != (needed == AUDIT_ROLE) or (
-            needed != AUDIT_ROLE and ROLES[caller.role] < ROLES[needed]):
+    if not _allows(caller.role, needed):
         raise HTTPException(status.HTTP_403_FORBIDDEN, f"this token has the {caller.role} role; "
                             f"this request needs {needed}")
     return caller
+
+
+def _allows(role: str, needed: str) -> bool:
+    """Whether a token of ``role`` may make a request that needs ``needed``: audit only for audit; the wall
+    routes for wall, read and write; read and write by their order. Unknown roles get nothing."""
+    if AUDIT_ROLE in (role, needed):
+        return role == needed
+    if needed == WALL_ROLE:
+        return role == WALL_ROLE or role in ROLES
+    return role in ROLES and needed in ROLES and ROLES[role] >= ROLES[needed]
 
 
 def reader(request: Request,
@@ -148,6 +163,16 @@ def stream_reader(request: Request,
     return _check(request, credentials.credentials if credentials else token, "read")
 
 
+def wall_reader(request: Request,
+                credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+                token: Annotated[str | None, Query(description="the API token (EventSource cannot "
+                                                               "send a header)")] = None) -> Caller:
+    """Dependency of the wall view's routes: a wall, read or write token, from the header or, for the
+    wall's live stream, the ``token`` query parameter."""
+    return _check(request, credentials.credentials if credentials else token, WALL_ROLE)
+
+
 ReadAccess = Annotated[Caller, Depends(reader)]
+WallAccess = Annotated[Caller, Depends(wall_reader)]
 WriteAccess = Annotated[Caller, Depends(writer)]
 AuditAccess = Annotated[Caller, Depends(auditor)]
