@@ -215,6 +215,7 @@ def _path(text: str) -> list[tuple[int, str]]:
 def _tag(part: str, whole: str) -> int:
     if _TAG.fullmatch(part):
         tag = int(part, 16)
+        _dataset_attribute(tag, part)
         if keyword_for_tag(tag) == "":
             raise QidoError(f"unknown attribute {part} (a private or unregistered tag)")
     else:
@@ -222,12 +223,16 @@ def _tag(part: str, whole: str) -> int:
         if found is None:
             raise QidoError(f"unknown attribute {part[:64]!r}" + (f" in {whole[:80]!r}" if part != whole else ""))
         tag = int(found)
-    group = tag >> 16
-    if group in (0x0000, 0x0002) or tag & 0xFFFF == 0:
-        raise QidoError(f"{part}: not an attribute of a dataset")
+        _dataset_attribute(tag, part)
     if tag == 0x00080005:
         raise QidoError("SpecificCharacterSet is not a matching key (query strings are UTF-8)")
     return tag
+
+
+def _dataset_attribute(tag: int, part: str) -> None:
+    """Refuse command and file meta elements and group lengths: no identifier holds them."""
+    if tag >> 16 in (0x0000, 0x0002) or tag & 0xFFFF == 0:
+        raise QidoError(f"{part}: not an attribute of a dataset")
 
 
 def _node(level: dict[int, _Node], tag: int, vr: str) -> _Node:
@@ -296,7 +301,10 @@ def _dataset(level: dict[int, _Node]) -> Dataset:
         else:
             value = "" if node.value is None else node.value
         vr = node.vr.split(" or ")[0]
-        dataset.add(DataElement(tag, vr, value, validation_mode=config.IGNORE))
+        try:
+            dataset.add(DataElement(tag, vr, value, validation_mode=config.IGNORE))
+        except (ValueError, TypeError, OverflowError):  # IS / DS text that is no number
+            raise QidoError(f"{keyword_for_tag(tag)}: {str(value)[:20]!r} is not a valid {vr}") from None
     return dataset
 
 
