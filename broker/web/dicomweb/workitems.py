@@ -159,7 +159,7 @@ def _query_uid(request: Request, names: tuple[str, ...]) -> str | None:
     for name, value in parse_qsl(request.url.query, keep_blank_values=True):
         if name in names:
             return value
-        if not value and _UID.fullmatch(name):
+        if not value:  # a bare value: the UID itself (checked by the caller)
             return name
     return None
 
@@ -252,6 +252,9 @@ async def update_workitem(request: Request, workitem: WorkitemUID, caller: Write
     if isinstance(dataset, Response):
         return dataset
     given = _query_uid(request, ("transaction-uid", "transaction", "TransactionUID"))
+    problem = _bad_uid(request, given, "the Transaction UID") if given else None
+    if problem is not None:
+        return problem
     in_payload = str(dataset.get("TransactionUID", "") or "")
     if given and in_payload and given != in_payload:
         return _refusal(request, 400, "the payload's Transaction UID is not the one of the query")
