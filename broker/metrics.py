@@ -11,7 +11,7 @@ tables): the protocol edges import it without loading the web stack.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import structlog
@@ -106,8 +106,42 @@ class DatabaseCollector(Collector):
         yield up
 
 
+ScrapeSource = Callable[[], Iterable[GaugeMetricFamily]]
+_SOURCES: dict[int, list[ScrapeSource]] = {}
+
+
+def add_scrape_source(engine: Any, source: ScrapeSource) -> Callable[[], None]:
+    """Have ``/metrics`` on ``engine`` also read the gauges of ``source`` at each scrape (a layer above
+    this one, e.g. the board's delay gauges, registers itself without this module importing it).
+    Returns the function that removes it again."""
+    _SOURCES.setdefault(id(engine), []).append(source)
+
+    def remove() -> None:
+        sources = _SOURCES.get(id(engine), [])
+        if source in sources:
+            sources.remove(source)
+        if not sources:
+            _SOURCES.pop(id(engine), None)
+
+    return remove
+
+
+class _SourcesCollector(Collector):
+    def __init__(self, sources: list[ScrapeSource]) -> None:
+        self.sources = sources
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        for source in self.sources:
+            try:
+                yield from source()
+            except Exception as exc:  # one source's trouble leaves the others' figures
+                log.warning("metrics.source_failed", error=type(exc).__name__)
+
+
 def exposition(engine: Any) -> tuple[bytes, str]:
     """The text exposition of the process's metrics plus the database gauges, and its content type."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(DatabaseCollector(engine))
+    if _SOURCES.get(id(engine)):
+        registry.register(_SourcesCollector(list(_SOURCES[id(engine)])))
     return generate_latest(REGISTRY) + generate_latest(registry), CONTENT_TYPE_LATEST
