@@ -30,7 +30,7 @@ from broker.store.tables import OutboxEvent, ScheduledStep
 from broker.web.app import create_app
 from broker.web.auth import token_line
 from tests.conftest import ROOT
-from tests.dicom_support import free_port
+from tests.dicom_support import free_port, wait_until
 from tests.events_support import rows
 from tests.integration.test_audit_records import Rec, recorded
 from tests.integration.test_cli import BROKER, env_for, run_cli, wait_for_port
@@ -52,6 +52,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 READ = "read-token-dicomweb-0123"
 WRITE = "write-token-dicomweb-0123"
 PERFORMER = "perf-token-dicomweb-0123"
+AUDITOR = "audit-token-dicomweb-0123"
 AS_READER = {"Authorization": f"Bearer {READ}"}
 AS_WRITER = {"Authorization": f"Bearer {WRITE}"}
 AS_PERFORMER = {"Authorization": f"Bearer {PERFORMER}"}
@@ -389,7 +390,7 @@ def running(database_url: str, tmp_path: Path) -> Iterator[tuple[httpx.Client, i
     dicom_port, http_port = free_port(), free_port()
     env = env_for(database_url, BROKER_HL7_PORT=str(free_port()), BROKER_DICOM_PORT=str(dicom_port),
                   BROKER_DICOM_HOST="127.0.0.1", BROKER_HTTP_PORT=str(http_port), BROKER_HTTP_HOST="127.0.0.1",
-                  BROKER_REDIS_URL="", BROKER_API_TOKENS=f"{READ}:read,{WRITE}:write")
+                  BROKER_REDIS_URL="", BROKER_API_TOKENS=f"{READ}:read,{WRITE}:write,{AUDITOR}:audit")
     assert run_cli("db", "upgrade", env=env).returncode == 0
     log = tmp_path / "broker.log"
     with log.open("w") as sink:
@@ -474,6 +475,20 @@ def test_a_workitem_made_over_ups_rs_is_worked_over_dimse_and_ended_over_ups_rs(
         assert change_state(scu, uid, "CANCELED", txn) == 0xC300
     finally:
         scu.release()
+
+    # the audit trail: the changes over UPS-RS as the token at its address, over DIMSE as the AE; each
+    # Retrieve a Query record naming the patient
+    def trail(**query: str) -> list[tuple[str, str, str, str]]:
+        found = http.get("/api/audit", params={"patient": "PUPS1", **query},
+                         headers={"Authorization": f"Bearer {AUDITOR}"}).json()
+        return [(r["event"], r["action"], r["user_id"], r["host"]) for r in reversed(found)]
+
+    writer = ("token writ\u2026", "127.0.0.1")
+    assert trail(event="procedure") == [("procedure", "C", *writer), ("procedure", "U", "CT01", "127.0.0.1"),
+                                        ("procedure", "U", *writer), ("procedure", "U", *writer)]
+    # (the board's reads with the read token are Query records too)
+    wait_until(lambda: trail(event="query", user=writer[0]), what="the Query record of the retrieval")
+    assert set(trail(event="query", user=writer[0])) == {("query", "E", *writer)}
 
 
 def test_a_workitem_made_over_dimse_is_worked_over_ups_rs_and_ended_over_dimse(
