@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -533,3 +535,26 @@ def test_a_workitem_made_over_dimse_is_worked_over_ups_rs_and_ended_over_dimse(
         assert board(http, "AUPS2") == ("CANCELED", "CANCELED")
     finally:
         scu.release()
+
+
+def test_stations_claiming_one_workitem_at_once_over_ups_rs_one_wins(running: tuple[httpx.Client, int]) -> None:
+    """Eight clients claim the same workitem at the same moment: one claim wins, the others are told the
+    workitem is IN PROGRESS already (C302, 409), and the step is started once."""
+    http, _ = running
+    ups = Client(http)
+    uid = str(generate_uid())
+    assert ups.create(workitem(), uid).status_code == 201
+    barrier = threading.Barrier(8)
+
+    def claim(_: int) -> int:
+        with httpx.Client(base_url=str(http.base_url), timeout=30) as own:
+            barrier.wait()
+            return Client(own).change_state(uid, "IN PROGRESS", str(generate_uid())).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = sorted(pool.map(claim, range(8)))
+    assert answers == [200] + [409] * 7
+    assert board(http, "AUPS1") == ("STARTED", "STARTED")
+    [procedure] = http.get("/api/procedures", params={"accession": "AUPS1"}, headers=AS_READER).json()["items"]
+    detail = http.get(f"/api/procedures/{procedure['id']}", headers=AS_READER).json()
+    assert [entry["to"] for entry in detail["timeline"]].count("STARTED") == 1
