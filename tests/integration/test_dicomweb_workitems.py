@@ -28,12 +28,14 @@ from pynetdicom.sop_class import ModalityWorklistInformationFind  # type: ignore
 from sqlalchemy import Engine
 
 from broker.config import load_settings
+from broker.domain.ups_identity import derived_ups_uid
+from broker.mapping.rules import MappingSet
 from broker.store.tables import OutboxEvent, ScheduledStep
 from broker.web.app import create_app
 from broker.web.auth import token_line
 from tests.conftest import ROOT
 from tests.dicom_support import free_port, wait_until
-from tests.events_support import rows
+from tests.events_support import procedure_state, rows, schedule, step_status
 from tests.integration.test_audit_records import Rec, recorded
 from tests.integration.test_cli import BROKER, env_for, run_cli, wait_for_port
 from tests.integration.test_ups_scp import (
@@ -337,6 +339,22 @@ def test_cancel_and_request_cancellation(ups: Client, app_client: TestClient, en
     ended = app_client.get("/api/procedures", params={"status": "DISCONTINUED"}, headers=AS_READER).json()
     [procedure] = ended["items"]
     assert procedure["steps"][0]["status"] == "DISCONTINUED"
+
+
+def test_an_hl7_order_is_a_workitem_over_ups_rs(ups: Client, engine: Engine, mappings: MappingSet) -> None:
+    """The RIS's order (HL7 over the real intake) is served as a workitem and claimed and completed over
+    UPS-RS; the procedure follows."""
+    order = schedule(engine, mappings)
+    uid, txn = derived_ups_uid(order.study_instance_uid, order.sps_id), str(generate_uid())
+    found = ups.workitem(uid)
+    assert found.ProcedureStepState == "SCHEDULED"
+    assert found.ReferencedRequestSequence[0].AccessionNumber == order.accession_number
+    assert ups.change_state(uid, "IN PROGRESS", txn).status_code == 200
+    assert step_status(engine, order.step_pk) == "STARTED"
+    assert ups.update(uid, final_attributes(txn)).status_code == 200
+    assert ups.change_state(uid, "COMPLETED", txn).status_code == 200
+    assert step_status(engine, order.step_pk) == "COMPLETED"
+    assert procedure_state(engine, order.procedure_pk) == "COMPLETED"
 
 
 # --- tokens and the audit trail -------------------------------------------------------------------------
