@@ -3,12 +3,29 @@
 "use strict";
 
 const state = { procedures: new Map(), token: localStorage.getItem("broker.token") || "", source: null,
-                summaryTimer: null, detailId: null };
+                summaryTimer: null, detailId: null, flags: new Map(), zone: "", today: "", lastEvent: 0,
+                retryMs: 1000, reconnectTimer: null };
 const $ = (id) => document.getElementById(id);
+const WATCHDOG_MS = 40000;  // the server pings every 15 s: silence this long means a dead connection
 
-function today() {
-  const d = new Date();
-  return `${d.getFullYear()}-${String(d.getMonth() + 1).padStart(2, "0")}-${String(d.getDate()).padStart(2, "0")}`;
+// "Today" is the broker's (its time zone, setting BROKER_TIMEZONE), not the browser's: the summary says
+// which day it is there; until it has answered, the date filter stays empty (= the server's today).
+function today() { return state.today; }
+
+function viewerZone() { return Intl.DateTimeFormat().resolvedOptions().timeZone; }
+
+// A time sent with its offset, shown in the broker's zone (and the zone named when it is not the viewer's).
+function zoned(iso, withSeconds = false) {
+  if (!iso) return "--:--";
+  const options = { hour: "2-digit", minute: "2-digit", hourCycle: "h23" };
+  if (withSeconds) options.second = "2-digit";
+  if (state.zone) options.timeZone = state.zone;
+  return new Intl.DateTimeFormat("en-GB", options).format(new Date(iso));
+}
+
+function setZone(zone) {
+  state.zone = zone || "";
+  $("zone-note").textContent = state.zone && state.zone !== viewerZone() ? `times: ${state.zone}` : "";
 }
 
 function filters() {
@@ -30,6 +47,7 @@ function personName(pn) {
   return given ? `${family}, ${given}` : family;
 }
 
+// Scheduled starts are the RIS's wall-clock times of the broker's zone, sent without an offset: shown as they are.
 function clock(iso) { return iso ? iso.slice(11, 16) : "--:--"; }
 
 function duration(seconds) {
@@ -55,7 +73,8 @@ function matches(p, f) {
 
 function card(p) {
   const el = document.createElement("article");
-  el.className = `card ${stateClass(p.state)}`;
+  const flag = state.flags.get(p.id);
+  el.className = `card ${stateClass(p.state)}${flag ? " flagged" : ""}`;
   el.dataset.id = p.id;
   el.dataset.accession = p.accession_number;
   el.dataset.state = p.state;
@@ -75,7 +94,22 @@ function card(p) {
   desc.className = "desc";
   desc.textContent = `${p.accession_number} · ${p.description || p.modality}`;
   el.append(row1, patient, desc);
+  if (flag) {
+    const label = document.createElement("div");
+    label.className = "flag";
+    label.dataset.rule = flag.rule;
+    label.textContent = `⚠ ${flag.label}`;
+    el.append(label);
+  }
+  // A card opens its timeline by click, or from the keyboard (Tab to it, Enter or Space).
+  el.tabIndex = 0;
+  el.setAttribute("role", "button");
+  el.setAttribute("aria-label", `${p.accession_number}, ${personName(p.patient_name)}, ${p.state}` +
+                  (flag ? `, ${flag.label}` : "") + ": show the timeline");
   el.addEventListener("click", () => showDetail(p.id));
+  el.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" || event.key === " ") { event.preventDefault(); showDetail(p.id); }
+  });
   return el;
 }
 
@@ -128,9 +162,28 @@ async function loadProcedures() {
   render();
 }
 
+async function loadAlerts() {
+  const f = filters();
+  const query = f.date ? `?date=${encodeURIComponent(f.date)}` : "";
+  const found = await api(`/api/board/alerts${query}`);
+  state.flags = new Map(found.alerts.map((a) => [a.procedure_id, a]));
+  const names = { not_started: "late (not started)", overrunning: "overrunning", images_missing: "images missing" };
+  const list = $("alert-counts");
+  list.replaceChildren();
+  for (const [rule, count] of Object.entries(found.counts)) {
+    const dt = document.createElement("dt"); dt.textContent = names[rule] || rule;
+    const dd = document.createElement("dd"); dd.dataset.rule = rule; dd.textContent = count;
+    list.append(dt, dd);
+  }
+}
+
 async function loadSummary() {
   const f = filters();
-  const summary = await api(`/api/board/summary?date=${encodeURIComponent(f.date || today())}`);
+  const query = f.date ? `?date=${encodeURIComponent(f.date)}` : "";
+  const summary = await api(`/api/board/summary${query}`);
+  setZone(summary.zone);
+  if (!f.date && !state.today) { state.today = summary.date; $("f-date").value = summary.date; }
+  $("figures-title").textContent = summary.date === state.today ? "Today" : summary.date;
   const counts = $("counts");
   counts.replaceChildren();
   const entries = [["total", summary.total], ...Object.entries(summary.by_state).sort()];
@@ -150,6 +203,21 @@ async function loadSummary() {
     dd.dataset.figure = key;
     dd.textContent = `${duration(figure.median_seconds)} (${figure.count})`;
     turnaround.append(dt, dd);
+  }
+  const rows = $("modalities").querySelector("tbody");
+  rows.replaceChildren();
+  for (const [modality, figures] of Object.entries(summary.by_modality)) {
+    const tr = document.createElement("tr");
+    tr.dataset.modality = modality;
+    const head = document.createElement("th");
+    head.scope = "row";
+    head.textContent = modality || "(none)";
+    tr.append(head);
+    for (const value of [figures.done, figures.to_do, duration(figures.waiting.median_seconds),
+                         duration(figures.start_to_complete.median_seconds)]) {
+      const td = document.createElement("td"); td.textContent = value; tr.append(td);
+    }
+    rows.append(tr);
   }
   drawChart(summary.by_hour);
 }
@@ -194,25 +262,35 @@ function drawChart(hours) {
   $("chart").replaceChildren(svg);
 }
 
+// The timeline as people read it ("MPPS from CT01: in progress"); the stored cause with its UID is
+// behind a details toggle.
 async function showDetail(id) {
   state.detailId = id;
-  const p = await api(`/api/procedures/${id}`);
+  const [p, history] = await Promise.all([api(`/api/procedures/${id}`), api(`/api/board/timeline/${id}`)]);
+  setZone(history.zone);
   const body = $("detail-body");
   body.replaceChildren();
   const head = document.createElement("p");
   head.textContent = `${p.accession_number} · ${personName(p.patient_name)} · ${p.state}`;
   const list = document.createElement("ol");
   list.className = "timeline";
-  const lines = [{ at: (p.ordered_at || "").replace("T", " "), to: "SCHEDULED", cause: "order received" },
-                 ...p.timeline];
-  for (const t of lines) {
+  for (const t of history.entries) {
     const li = document.createElement("li");
     const when = document.createElement("span");
     when.className = "when";
-    when.textContent = `${(t.at || "").slice(11, 19)} `;
+    when.textContent = `${zoned(t.at, true)} `;
     const what = document.createElement("strong");
     what.textContent = t.to;
-    li.append(when, what, document.createTextNode(` — ${t.cause}`));
+    li.append(when, what, document.createTextNode(` — ${t.text}`));
+    if (t.ref) {
+      const details = document.createElement("details");
+      const summary = document.createElement("summary");
+      summary.textContent = "details";
+      const raw = document.createElement("code");
+      raw.textContent = `${t.kind} ${t.ref}: ${t.cause}`;
+      details.append(summary, raw);
+      li.append(details);
+    }
     list.append(li);
   }
   body.append(head, list);
@@ -221,18 +299,38 @@ async function showDetail(id) {
 
 function scheduleSummary() {
   clearTimeout(state.summaryTimer);
-  state.summaryTimer = setTimeout(() => loadSummary().catch((e) => say(e.message)), 300);
+  state.summaryTimer = setTimeout(() => Promise.all([loadSummary(), loadAlerts()]).then(() => render())
+    .catch((e) => say(e.message)), 300);
 }
+
+function offline() { $("live").textContent = "reconnecting"; $("live").className = "live off"; }
 
 function connect() {
   if (state.source) state.source.close();
+  state.source = null;
+  clearTimeout(state.reconnectTimer);
   if (!state.token) return;
   const source = new EventSource(`/api/stream?token=${encodeURIComponent(state.token)}`);
   state.source = source;
+  state.lastEvent = Date.now();
+  const heard = () => { state.lastEvent = Date.now(); };
   // The stream reports every change from its opening on: reload then, so nothing falls in between.
-  source.onopen = () => { $("live").textContent = "live"; $("live").className = "live on"; reload(); };
-  source.onerror = () => { $("live").textContent = "reconnecting"; $("live").className = "live off"; };
+  source.onopen = () => {
+    heard(); state.retryMs = 1000; $("live").textContent = "live"; $("live").className = "live on"; reload();
+  };
+  source.onerror = () => {
+    offline();
+    // EventSource retries by itself after a network error but gives up after an HTTP error (a proxy's
+    // 502 during a restart): then start again, waiting longer each time (at most 15 s).
+    if (source.readyState === EventSource.CLOSED) {
+      state.reconnectTimer = setTimeout(connect, state.retryMs);
+      state.retryMs = Math.min(state.retryMs * 2, 15000);
+    }
+  };
+  source.addEventListener("ping", heard);
+  source.addEventListener("alerts", () => { heard(); scheduleSummary(); });
   source.addEventListener("procedures", (event) => {
+    heard();
     const changed = JSON.parse(event.data);
     const ids = new Set();
     for (const p of changed) { state.procedures.set(p.id, p); ids.add(p.id); }
@@ -245,14 +343,14 @@ function connect() {
 async function reload() {
   say("");
   try {
-    await Promise.all([loadProcedures(), loadSummary()]);
+    await Promise.all([loadSummary(), loadAlerts()]);
+    await loadProcedures();
   } catch (error) {
     say(error.message);
   }
 }
 
 function start() {
-  $("f-date").value = today();
   $("token").value = state.token;
   $("token-form").addEventListener("submit", (event) => {
     event.preventDefault();
@@ -270,6 +368,7 @@ function start() {
   if (state.token) { connect(); reload(); }
   // Changes without a state transition (a reschedule, a patient update) are not pushed: reload now and then.
   setInterval(() => { if (state.token) reload(); }, 60000);
+  setInterval(() => { if (state.source && Date.now() - state.lastEvent > WATCHDOG_MS) { offline(); connect(); } }, 5000);
 }
 
 start();
