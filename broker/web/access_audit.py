@@ -1,7 +1,8 @@
 """The audit records of HTTP requests: who read patient data (Query), and who was refused (Security Alert).
 
 * Each successful GET of patient data (``/api/procedures...``, ``/api/steps...``, ``/api/messages...``,
-  the opening of ``/api/stream``, DICOMweb under ``/dicomweb/``) is a Query event: the caller's token
+  the opening of ``/api/stream``, DICOMweb under ``/dicomweb/``, the board's wall view ``/api/board/wall...``
+  (initials) and ``/api/board/alerts``) is a Query event: the caller's token
   label and address, the path and query string (without a ``token`` parameter: the stream's token is a
   secret), and the patients the answer named when the route knew them cheaply (:func:`note_patients`).
 * Each 401 and 403 is a Security Alert (Use of Restricted Function): the token's label when the token
@@ -25,7 +26,8 @@ from broker.audit import events as audit_events
 from broker.audit.events import AuditEvent, Participant, Source
 
 log = structlog.get_logger(__name__)
-PATIENT_DATA_PATHS = ("/api/procedures", "/api/steps", "/api/messages", "/api/stream", "/dicomweb/")
+PATIENT_DATA_PATHS = ("/api/procedures", "/api/steps", "/api/messages", "/api/stream", "/dicomweb/", "/api/board/wall",
+                      "/api/board/alerts")
 ANONYMOUS = "anonymous"
 _PATIENTS = "audit_patients"
 
