@@ -46,13 +46,15 @@ def test_an_examination_overruns_its_modality_s_expected_duration() -> None:
 def test_completed_without_images_is_flagged_until_an_ian_or_commitment_arrives() -> None:
     done = ProcedureFacts(1, "CT", "COMPLETED", started_at=at(0), completed_at=at(20))
     flag = flag_of(done, at(55), RULES)
-    assert flag is not None and flag.rule == "images_missing" and flag.label == "Images missing: 35 min after completion"
+    assert flag is not None and flag.rule == "images_missing"
+    assert flag.label == "Images missing: 35 min after completion"
     failed = ProcedureFacts(2, "CT", "COMMIT FAILED", completed_at=at(20))
     assert flag_of(failed, at(51), RULES) is not None
     available = ProcedureFacts(3, "CT", "IMAGES AVAILABLE", completed_at=at(20), images_at=at(25))
     assert flag_of(available, at(500), RULES) is None
     for closed in ("CANCELED", "DISCONTINUED", "ARCHIVED"):
-        assert flag_of(ProcedureFacts(4, "CT", closed, scheduled_start=NINE, completed_at=at(1)), at(500), RULES) is None
+        closed_facts = ProcedureFacts(4, "CT", closed, scheduled_start=NINE, completed_at=at(1))
+        assert flag_of(closed_facts, at(500), RULES) is None
 
 
 def test_flags_sorted_longest_overdue_first_counted_per_rule() -> None:
