@@ -34,12 +34,13 @@ def _span(begin: datetime | None, end: datetime | None) -> float | None:
 
 def _median(values: Iterable[float | None]) -> dict[str, Any]:
     known = [v for v in values if v is not None]
-    return {"count": len(known), "median_seconds": statistics.median(known) if known else None}
+    return {"count": len(known), "median_seconds": statistics.median(known) if known else None,
+            "mean_seconds": statistics.fmean(known) if known else None}
 
 
 def modality_figures(procedures: Iterable[ProcedureFacts]) -> dict[str, dict[str, Any]]:
     """Per modality (sorted): ``done``, ``to_do``, ``closed``, ``waiting`` and the three turnarounds, each
-    ``{count, median_seconds}``."""
+    ``{count, median_seconds, mean_seconds}``."""
     by_modality: dict[str, list[ProcedureFacts]] = {}
     for p in procedures:
         by_modality.setdefault(p.modality or "", []).append(p)

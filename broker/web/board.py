@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from broker.web.live import LiveFeed
 STATIC = Path(__file__).parent / "static"
 KEEPALIVE_SECONDS = 15
 RECHECK_SECONDS = 1.0
-"""after a change, the next flag's moment is read again at most this often per stream"""
+"""after changes, the next flag's moment is read again this long after the first of them"""
 
 
 @asynccontextmanager
@@ -77,6 +78,7 @@ def _config(request: Request) -> BoardConfig:
 class Turnaround(BaseModel):
     count: int = Field(description="procedures of the day that went through both points")
     median_seconds: float | None
+    mean_seconds: float | None
 
 
 class HourCount(BaseModel):
@@ -218,7 +220,7 @@ def summarize(procedures: list[DayProcedure], day: date, now: datetime, config: 
             hours[p.first_start.hour][1] += p.facts.state in figures.DONE
     per_modality = figures.modality_figures(facts)
     overall = figures.modality_figures([rules.ProcedureFacts(**{**f.__dict__, "modality": ""}) for f in facts])
-    turnaround = {name: overall.get("", {}).get(name, {"count": 0, "median_seconds": None})
+    turnaround = {name: overall.get("", {}).get(name, {"count": 0, "median_seconds": None, "mean_seconds": None})
                   for name in ("order_to_start", "start_to_complete", "complete_to_images")}
     return {"date": day.isoformat(), "zone": config.zone.key, "now": _iso(now), "total": len(procedures),
             "by_state": by_state, "by_hour": [{"hour": h, "total": t, "done": d} for h, (t, d) in hours.items()],
@@ -337,48 +339,78 @@ async def wall_stream(request: Request, _: Annotated[Caller, Depends(wall_reader
     return _event_stream(request, lambda changed: ("changed", [p["id"] for p in changed]))
 
 
+class NextFlag:
+    """When the next delay flag rises, read once for every open stream of the app: each stream asks
+    after a change (at most every :data:`RECHECK_SECONDS`) and after a flag rose, and an answer read after
+    the moment it needs is shared, so ten walls do not read the day ten times."""
+
+    def __init__(self, engine: Any, config: BoardConfig) -> None:
+        self.engine = engine
+        self.config = config
+        self._read_at = float("-inf")
+        self._value: datetime | None = None
+
+    def after(self, moment: float) -> datetime | None:
+        """The next flag's moment, read at ``moment`` (``time.monotonic()``) or later."""
+        if self._read_at < moment:
+            read_at = time.monotonic()
+            now = datetime.now(self.config.zone)
+            facts = [p.facts for p in read_day(self.engine, today(self.config.zone, now), self.config.zone)]
+            self._value, self._read_at = rules.next_flag_at(facts, now, self.config.rules), read_at
+        return self._value
+
+
+def _next_flag(request: Request) -> NextFlag:
+    config = _config(request)
+    shared: NextFlag | None = getattr(request.app.state, "board_next_flag", None)
+    if shared is None or shared.config != config:
+        shared = NextFlag(request.app.state.engine, config)
+        request.app.state.board_next_flag = shared
+    return shared
+
+
 def _event_stream(request: Request, shape: Any) -> StreamingResponse:
     feed: LiveFeed = request.app.state.feed
     config = _config(request)
-    engine = request.app.state.engine
-
-    def next_flag() -> datetime | None:
-        now = datetime.now(config.zone)
-        facts = [p.facts for p in read_day(engine, today(config.zone, now), config.zone)]
-        return rules.next_flag_at(facts, now, config.rules)
+    shared = _next_flag(request)
 
     async def events() -> AsyncIterator[str]:
         queue = await feed.subscribe()
         try:
             yield "retry: 2000\n: connected\n\n"
             yield _event("ping", {"now": _iso(datetime.now(config.zone)), "zone": config.zone.key})
-            flag_at = await asyncio.to_thread(next_flag)
-            stale = False
+            flag_at = await asyncio.to_thread(shared.after, time.monotonic())
+            first_change: float | None = None  # changes since the last reading: the first's and the last's time
+            last_change = 0.0
             while True:
+                if first_change is not None and time.monotonic() - first_change >= RECHECK_SECONDS:
+                    flag_at = await asyncio.to_thread(shared.after, last_change)  # a change may move the deadlines
+                    first_change = None
                 now = datetime.now(config.zone)
                 wait = float(KEEPALIVE_SECONDS)
                 if flag_at is not None:
-                    wait = min(wait, max(0.0, (flag_at - now).total_seconds()) + 0.05)
-                if stale:
-                    wait = min(wait, RECHECK_SECONDS)
+                    wait = min(wait, (flag_at - now).total_seconds() + 0.05)
+                if first_change is not None:
+                    wait = min(wait, first_change + RECHECK_SECONDS - time.monotonic())
                 try:
-                    changed = await asyncio.wait_for(queue.get(), wait)
+                    changed = await asyncio.wait_for(queue.get(), max(0.0, wait))
                 except TimeoutError:
                     if await request.is_disconnected():
                         return
                     now = datetime.now(config.zone)
                     if flag_at is not None and now >= flag_at:
                         yield _event("alerts", {"now": _iso(now)})
-                    elif not stale:
+                        risen = time.monotonic() - (now - flag_at).total_seconds()
+                        flag_at = await asyncio.to_thread(shared.after, risen)  # another stream's reading serves
+                    elif first_change is None:
                         yield _event("ping", {"now": _iso(now), "zone": config.zone.key})
-                    if stale or (flag_at is not None and now >= flag_at):
-                        flag_at, stale = await asyncio.to_thread(next_flag), False
                     continue
                 if changed is None:
                     return
                 name, data = shape(changed)
                 yield _event(name, data)
-                stale = True
+                last_change = time.monotonic()
+                first_change = first_change if first_change is not None else last_change
         finally:
             feed.unsubscribe(queue)
 

@@ -101,7 +101,7 @@ def test_figures_per_modality() -> None:
     assert list(figures) == ["CT", "MR"]
     ct = figures["CT"]
     assert (ct["done"], ct["to_do"], ct["closed"]) == (1, 2, 1)
-    assert ct["waiting"] == {"count": 2, "median_seconds": 900.0}  # 10 and 20 minutes
-    assert ct["start_to_complete"] == {"count": 1, "median_seconds": 1200.0}
+    assert ct["waiting"] == {"count": 2, "median_seconds": 900.0, "mean_seconds": 900.0}  # 10 and 20 minutes
+    assert ct["start_to_complete"] == {"count": 1, "median_seconds": 1200.0, "mean_seconds": 1200.0}
     assert ct["complete_to_images"]["median_seconds"] == 300.0
     assert figures["MR"]["done"] == 1 and figures["MR"]["complete_to_images"]["median_seconds"] is None
