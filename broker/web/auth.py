@@ -164,11 +164,17 @@ def stream_reader(request: Request,
 
 
 def wall_reader(request: Request,
-                credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-                token: Annotated[str | None, Query(description="the API token (EventSource cannot "
-                                                               "send a header)")] = None) -> Caller:
-    """Dependency of the wall view's routes: a wall, read or write token, from the header or, for the
-    wall's live stream, the ``token`` query parameter."""
+                credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Caller:
+    """Dependency of the wall view's data: a wall, read or write token."""
+    return _check(request, credentials.credentials if credentials else None, WALL_ROLE)
+
+
+def wall_stream_reader(request: Request,
+                       credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+                       token: Annotated[str | None, Query(description="the API token (EventSource cannot "
+                                                                      "send a header)")] = None) -> Caller:
+    """Dependency of the wall's live stream: a wall, read or write token from the header or the ``token``
+    query parameter."""
     return _check(request, credentials.credentials if credentials else token, WALL_ROLE)
 
 

@@ -14,7 +14,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -32,7 +32,7 @@ from broker.board.privacy import wall_patient
 from broker.board.zone import board_zone, today
 from broker.config import Settings
 from broker.web.access_audit import note_patients, patient_ref
-from broker.web.auth import Caller, ReadAccess, WallAccess, stream_reader, wall_reader
+from broker.web.auth import Caller, ReadAccess, WallAccess, stream_reader, wall_stream_reader
 from broker.web.live import LiveFeed
 
 STATIC = Path(__file__).parent / "static"
@@ -219,7 +219,7 @@ def summarize(procedures: list[DayProcedure], day: date, now: datetime, config: 
             hours[p.first_start.hour][0] += 1
             hours[p.first_start.hour][1] += p.facts.state in figures.DONE
     per_modality = figures.modality_figures(facts)
-    overall = figures.modality_figures([rules.ProcedureFacts(**{**f.__dict__, "modality": ""}) for f in facts])
+    overall = figures.modality_figures([replace(f, modality="") for f in facts])  # one group: the whole day
     turnaround = {name: overall.get("", {}).get(name, {"count": 0, "median_seconds": None, "mean_seconds": None})
                   for name in ("order_to_start", "start_to_complete", "complete_to_images")}
     return {"date": day.isoformat(), "zone": config.zone.key, "now": _iso(now), "total": len(procedures),
@@ -333,7 +333,7 @@ async def stream(request: Request, _: Annotated[Caller, Depends(stream_reader)])
 
 @router.get("/api/board/wall/stream", summary="Live changes for the wall view (server-sent events)",
             response_class=StreamingResponse, responses=STREAM_RESPONSES)
-async def wall_stream(request: Request, _: Annotated[Caller, Depends(wall_reader)]) -> StreamingResponse:
+async def wall_stream(request: Request, _: Annotated[Caller, Depends(wall_stream_reader)]) -> StreamingResponse:
     """The wall's stream: which procedures changed (ids only, no patient data); the wall reads its view
     again."""
     return _event_stream(request, lambda changed: ("changed", [p["id"] for p in changed]))

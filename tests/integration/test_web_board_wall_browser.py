@@ -99,6 +99,7 @@ def browser() -> Iterator[Any]:
 
 
 def open_page(browser: Any, width: int, height: int) -> Any:
+    assert AXE.is_file(), "axe-core is missing: npm ci --prefix tests/js (tests/ensure_services.sh does it)"
     context = browser.new_context(viewport={"width": width, "height": height}, timezone_id=BROWSER_ZONE,
                                   locale="en-US")
     context.add_init_script(path=str(AXE))  # before the page's own scripts, outside its CSP
