@@ -1,5 +1,6 @@
 """Prometheus metrics: HL7 messages by type and outcome, C-FIND latency, and, computed at scrape time
-from the database, outbox queue depth, failed events and UPS subscriptions.
+from the database, outbox queue depth, failed events and UPS subscriptions, plus the gauges a layer
+above registers with :func:`add_scrape_source` (the status board's delays).
 
 The counters and the histogram are incremented by the HL7 listener and the worklist SCP in the process
 that runs them. ``/metrics`` serves the process it runs in: with ``broker run`` that is the main

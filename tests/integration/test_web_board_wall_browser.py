@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import httpx
 import pytest
 from pydicom.uid import generate_uid
 from pynetdicom import AE
@@ -191,6 +192,8 @@ def test_desk_on_a_phone_keyboard_timeline_and_contrast(broker: Broker, browser:
     expect(timeline.locator("details code").first).to_contain_text("mpps 1.2.")
     page.screenshot(path=str(ARTIFACTS / "board-desk-390x844.png"), full_page=True)
     assert axe_violations(page) == []
+    metrics = httpx.get(broker.url("/metrics"), headers={"Authorization": f"Bearer {READ}"}).text
+    assert 'broker_board_delays{modality="CT",rule="not_started"}' in metrics  # registered in broker run too
 
 
 def test_the_wall_reconnects_by_itself_after_the_broker_restarts(broker: Broker, browser: Any) -> None:
