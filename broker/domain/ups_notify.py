@@ -6,6 +6,11 @@ that is down holds back only its own key. :func:`step_status_changed` is the one
 status change goes through (HL7, MPPS, UPS alike); with no subscription it costs one indexed query,
 and none at all when the UPS state does not change (SCHEDULED -> ARRIVED). :func:`step_scheduled` is
 the hook of a step the HL7 intake creates (UPS N-CREATE announces its own workitems).
+
+A subscriber's channel (``ups_subscriptions.channel``) decides the kind of its rows: ``ups.event`` for
+DIMSE (the relay publishes them to the workers, :mod:`broker.outbound.ups_events` sends them),
+``ups.ws_event`` for a UPS-RS subscriber, whose WebSocket channel takes them from the outbox
+(:mod:`broker.web.dicomweb.channel`). Same payload and key either way.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Row, bindparam, func, select
+from sqlalchemy import Connection, Row, bindparam, func, select, update
 
 from broker.dicom_json import JsonDataset, element, tag_of
 from broker.domain import ups_matching as matching
@@ -33,6 +38,11 @@ STATE_REPORT, CANCEL_REQUESTED, PROGRESS_REPORT, SCP_STATUS_CHANGE, ASSIGNED = 1
 _CANDIDATES = select(SUBSCRIPTIONS).where(SUBSCRIPTIONS.c.workitem_uid.in_(
     [bindparam("uid"), view.GLOBAL_SUBSCRIPTION, view.FILTERED_GLOBAL_SUBSCRIPTION])).order_by(SUBSCRIPTIONS.c.id)
 _ATTRIBUTES = select(WORKITEMS.c.attributes).where(WORKITEMS.c.step_fk == bindparam("pk"))
+# The subscription channels (ups_subscriptions.channel).
+DIMSE, WEBSOCKET = "dimse", "websocket"
+_WEBSOCKET_AES = (select(SUBSCRIPTIONS.c.subscriber_ae).distinct()
+                  .where(SUBSCRIPTIONS.c.subscriber_ae.in_(bindparam("aes", expanding=True)),
+                         SUBSCRIPTIONS.c.channel == WEBSOCKET))
 
 
 def global_subscription_id() -> Any:
@@ -49,12 +59,43 @@ def ordering_key(subscriber_ae: str) -> str:
     return f"ups-subscriber:{subscriber_ae}"
 
 
+def websocket_subscribers(db: Connection, aes: Iterable[str]) -> set[str]:
+    """Those of ``aes`` whose subscriptions are on the WebSocket channel (one indexed query; none for no
+    AE)."""
+    wanted = sorted(set(aes))
+    if not wanted:
+        return set()
+    return set(db.execute(_WEBSOCKET_AES, {"aes": wanted}).scalars())
+
+
+def event_kind(websocket: bool) -> str:
+    """The outbox kind of a report: the relay delivers ``ups.event`` over DIMSE; ``ups.ws_event`` waits
+    for the subscriber's WebSocket channel (:mod:`broker.outbox.consumer`). Same payload, same ordering
+    key: a subscriber's reports keep the order of the changes either way."""
+    return outbox.UPS_WS_EVENT if websocket else outbox.UPS_EVENT
+
+
+def use_channel(db: Connection, subscriber_ae: str, channel: str) -> None:
+    """The AE's latest subscription decides its channel for all of its subscriptions (one channel per
+    subscriber, so one ordered stream of reports). Its reports still waiting for the other channel
+    move over with it, in their order; a report a DIMSE worker is sending right now stays where it is."""
+    moved = db.execute(update(SUBSCRIPTIONS).where(SUBSCRIPTIONS.c.subscriber_ae == subscriber_ae,
+                                                   SUBSCRIPTIONS.c.channel != channel)
+                       .values(channel=channel)).rowcount
+    if moved:
+        old, new = event_kind(channel != WEBSOCKET), event_kind(channel == WEBSOCKET)
+        db.execute(update(outbox.OUTBOX).where(outbox.OUTBOX.c.ordering_key == ordering_key(subscriber_ae),
+                                               outbox.OUTBOX.c.kind == old, outbox.OUTBOX.c.status == "pending")
+                   .values(kind=new, lease_until=None))
+
+
 def enqueue(db: Connection, subscriber_ae: str, uid: str, event_type: int, info: JsonDataset, now: datetime) -> str:
     """One N-EVENT-REPORT for ``subscriber_ae`` into the caller's transaction; returns its event id.
     ``queued_at`` (epoch seconds) lets a receiver measure change-to-delivery latency."""
-    return outbox.add_event(db, outbox.UPS_EVENT, {"subscriber": subscriber_ae, "uid": uid, "event_type": event_type,
-                                            "info": info, "queued_at": time.time()},
-                     ordering_key(subscriber_ae), now)
+    kind = event_kind(bool(websocket_subscribers(db, [subscriber_ae])))
+    return outbox.add_event(db, kind, {"subscriber": subscriber_ae, "uid": uid, "event_type": event_type,
+                                       "info": info, "queued_at": time.time()},
+                            ordering_key(subscriber_ae), now)
 
 
 def covers(subscription: Row[Any], uid: str, created_at: datetime | None, ups: JsonDataset | None) -> bool:
@@ -90,11 +131,16 @@ def state_info(state: UpsState | str, extra: JsonDataset | None = None) -> JsonD
 
 def notify(db: Connection, targets: Iterable[str], uid: str, event_type: int, info: JsonDataset,
            now: datetime) -> list[str]:
-    """The same event to each of ``targets`` (one INSERT for all); returns the event ids."""
+    """The same event to each of ``targets`` (one INSERT per channel kind); returns the event ids."""
     queued_at = time.time()
-    return outbox.add_events(db, outbox.UPS_EVENT, [
-        ({"subscriber": ae, "uid": uid, "event_type": event_type, "info": info, "queued_at": queued_at},
-         ordering_key(ae)) for ae in targets], now)
+    aes = list(targets)
+    websocket = websocket_subscribers(db, aes)
+    ids: list[str] = []
+    for kind in (outbox.UPS_EVENT, outbox.UPS_WS_EVENT):
+        ids += outbox.add_events(db, kind, [
+            ({"subscriber": ae, "uid": uid, "event_type": event_type, "info": info, "queued_at": queued_at},
+             ordering_key(ae)) for ae in aes if event_kind(ae in websocket) == kind], now)
+    return ids
 
 
 def step_status_changed(db: Connection, step: Row[Any], new_status: str, now: datetime) -> None:

@@ -29,7 +29,7 @@ import structlog
 from sqlalchemy import Engine, and_, or_, select, update
 
 from broker.events.queue import RUN_EVENTS, celery_for
-from broker.outbox.outbox import OUTBOX
+from broker.outbox.outbox import CONSUMED_KINDS, OUTBOX
 from broker.outbox.runner import EventRunner, key_heads
 
 log = structlog.get_logger(__name__)
@@ -57,10 +57,12 @@ def task_batches(event_ids: list[str]) -> list[list[str]]:
 
 
 def _due(now: datetime) -> Any:
-    """SQL condition: the row may be published now."""
-    return or_(and_(OUTBOX.c.status == "pending", OUTBOX.c.next_attempt_at <= now,
-                    or_(OUTBOX.c.lease_until.is_(None), OUTBOX.c.lease_until < now)),
-               and_(OUTBOX.c.status == "running", OUTBOX.c.lease_until < now))
+    """SQL condition: the row may be published now. Rows of the consumed kinds (a WebSocket subscriber's
+    UPS event reports) never are: they wait for their key's channel (:mod:`broker.outbox.consumer`)."""
+    return and_(or_(and_(OUTBOX.c.status == "pending", OUTBOX.c.next_attempt_at <= now,
+                         or_(OUTBOX.c.lease_until.is_(None), OUTBOX.c.lease_until < now)),
+                    and_(OUTBOX.c.status == "running", OUTBOX.c.lease_until < now)),
+                OUTBOX.c.kind.not_in(sorted(CONSUMED_KINDS)))
 
 
 class Relay:

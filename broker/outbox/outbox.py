@@ -28,6 +28,13 @@ RIS_STATUS = "ris.status"
 MPPS_FORWARD = "mpps.forward"
 STGCMT_REQUEST = "stgcmt.request"
 UPS_EVENT = "ups.event"  # one N-EVENT-REPORT to one UPS subscriber (broker.domain.ups_notify)
+# The same report to a subscriber of the WebSocket channel (UPS-RS, PS3.18 11.13). No handler, never
+# published by the relay: the row waits until a channel for its ordering key takes it
+# (broker.outbox.consumer) and is marked done after the send.
+UPS_WS_EVENT = "ups.ws_event"
+CONSUMED_KINDS = frozenset({UPS_WS_EVENT})
+"""Kinds read by a consumer of their ordering key, not run by the relay and the workers."""
+_CONSUMED_KEYS = "outbox_consumed_keys"
 
 
 def add_event(db: Connection, kind: str, payload: dict[str, Any], ordering_key: str, now: datetime) -> str:
@@ -41,6 +48,8 @@ def add_event(db: Connection, kind: str, payload: dict[str, Any], ordering_key: 
                          "status": "pending", "attempts": 0, "next_attempt_at": now, "lease_until": None,
                          "last_error": "", "created_at": now, "done_at": None})
     db.info["outbox_added"] = True
+    if kind in CONSUMED_KINDS:
+        db.info.setdefault(_CONSUMED_KEYS, set()).add(ordering_key)
     return event_id
 
 
@@ -55,9 +64,18 @@ def add_events(db: Connection, kind: str, events: list[tuple[dict[str, Any], str
                           "last_error": "", "created_at": now, "done_at": None}
                          for event_id, (payload, key) in zip(ids, events, strict=True)])
     db.info["outbox_added"] = True
+    if kind in CONSUMED_KINDS:
+        db.info.setdefault(_CONSUMED_KEYS, set()).update(key for _, key in events)
     return ids
 
 
 def take_added_flag(db: Connection) -> bool:
     """Whether the transaction on ``db`` added outbox rows (and forget it): the caller wakes the relay."""
     return bool(db.info.pop("outbox_added", False))
+
+
+def take_consumed_keys(db: Connection) -> set[str]:
+    """The ordering keys of consumed kinds (:data:`CONSUMED_KINDS`) the transaction on ``db`` added rows
+    to (and forget them): at its commit, the consumers of these keys in this process are woken."""
+    keys: set[str] = db.info.pop(_CONSUMED_KEYS, set())
+    return keys

@@ -31,7 +31,7 @@ from typing import Any
 import structlog
 from sqlalchemy import Connection, Engine, and_, bindparam, exists, func, or_, select, text, update
 
-from broker.outbox.outbox import OUTBOX
+from broker.outbox.outbox import CONSUMED_KINDS, OUTBOX
 from broker.store.tables import OutboxEvent, table_of
 
 log = structlog.get_logger(__name__)
@@ -108,9 +108,11 @@ _TAKE_MANY = (update(OUTBOX).where(OUTBOX.c.id.in_(bindparam("pks", expanding=Tr
 _DONE_MANY = (update(OUTBOX).where(OUTBOX.c.id.in_(bindparam("pks", expanding=True)), OUTBOX.c.status != "done")
               .values(status="done", done_at=bindparam("at"), lease_until=None, last_error=""))
 # The first pending event of each key (the earlier ones of a key just ran, so it is the key's head).
+# Rows of the consumed kinds (broker.outbox.consumer) are never run here.
 _HEADS_OF_KEYS = (select(func.min(OUTBOX.c.id)).where(
     OUTBOX.c.ordering_key.in_(bindparam("keys", expanding=True)), OUTBOX.c.status == "pending",
-    OUTBOX.c.next_attempt_at <= bindparam("now")).group_by(OUTBOX.c.ordering_key))
+    OUTBOX.c.next_attempt_at <= bindparam("now"), OUTBOX.c.kind.not_in(sorted(CONSUMED_KINDS)))
+    .group_by(OUTBOX.c.ordering_key))
 _NEXT_OF_KEYS = select(OUTBOX.c.event_id).where(OUTBOX.c.id.in_(_HEADS_OF_KEYS)).order_by(OUTBOX.c.id)
 
 

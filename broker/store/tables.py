@@ -411,7 +411,8 @@ class UpsSubscription(Base):
     the well-known global instance, optionally filtered by ``matching_keys``, DICOM JSON).
 
     ``deletion_lock``: the subscriber asked that a final workitem stay until it unsubscribes;
-    ``suspended_at``: a global subscription takes no workitems created after it (N-ACTION type 5).
+    ``suspended_at``: a global subscription takes no workitems created after it (N-ACTION type 5);
+    ``channel``: ``dimse`` or ``websocket`` (a UPS-RS subscription, PS3.18 11.10).
     """
 
     __tablename__ = "ups_subscriptions"
@@ -427,6 +428,10 @@ class UpsSubscription(Base):
     # When a global subscription was suspended: workitems created later are not covered by it.
     suspended_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime)
+    # How the subscriber hears of events: 'dimse' (N-EVENT-REPORT to its AE) or 'websocket' (made over
+    # UPS-RS: the reports wait in the outbox for its WebSocket channel). One per AE: the AE's latest
+    # subscription decides for all of its rows (broker.domain.ups_notify.use_channel).
+    channel: Mapped[str] = mapped_column(String(16), default="dimse", server_default="dimse")
 
 
 class AuditRecord(Base):

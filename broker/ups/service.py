@@ -108,6 +108,9 @@ class UpsService(TransactionalService):
     for another is refused with C308.
     """
 
+    channel = notify.DIMSE
+    """The channel of the subscriptions this service makes (UPS-RS: ``websocket``, any AE title)."""
+
     def __init__(self, engine: Engine, config: WorkflowConfig | None = None,
                  wake: Callable[[], None] | None = None, clock: Callable[[], datetime] = datetime.now,
                  *, known_aes: frozenset[str] = frozenset(), uid_root: str = "") -> None:
@@ -428,7 +431,7 @@ class UpsService(TransactionalService):
         ae = text(dataset, "ReceivingAE")
         if not ae:
             return "", failure(MISSING_ATTRIBUTE, "missing: ReceivingAE", (tag("ReceivingAE"),))
-        if ae not in self.known_aes:
+        if self.channel == notify.DIMSE and ae not in self.known_aes:
             return ae, ups_status(UNKNOWN_RECEIVING_AE, f"{ae} is not in BROKER_DICOM_PEERS", (tag("ReceivingAE"),))
         return ae, None
 
@@ -455,7 +458,8 @@ class UpsService(TransactionalService):
                                                SUBSCRIPTIONS.c.workitem_uid == uid))
         db.execute(insert(SUBSCRIPTIONS), {"subscriber_ae": ae, "workitem_uid": uid, "is_global": is_global,
                                            "matching_keys": keys or None, "deletion_lock": lock == "TRUE",
-                                           "suspended_at": None, "created_at": now})
+                                           "suspended_at": None, "created_at": now, "channel": self.channel})
+        notify.use_channel(db, ae, self.channel)
         if step is not None:  # the initial State Report
             notify.enqueue(db, ae, uid, notify.STATE_REPORT, notify.state_info(ups_state(step.sps_status)), now)
         else:
