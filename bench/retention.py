@@ -15,9 +15,12 @@ It simulates ``--days`` days of a department with a clock of its own. Each simul
    mix: 85 % performed (MPPS IN PROGRESS then COMPLETED: an MPPS instance with 20 image references,
    two HL7 status events to the RIS, done), 7 % cancelled by the RIS (ORM CA archived too), 8 % never
    started (left SCHEDULED: the retention discontinues them, and the RIS status that queues is then
-   marked done, as the relay would). 60 % of the orders are for a new patient.
+   marked done, as the relay would). 60 % of the orders are for a new patient. The audit trail gets
+   what the broker records for them: an Order Record per order (and per cancel), a Procedure Record
+   per MPPS change, and a Query record per worklist C-FIND (``--queries-per-day``).
 2. At 20:00 the retention pass runs with the default settings (30 days for procedures and HL7, 7 for
-   the outbox, 24 h grace, timeline exported to a temporary directory, audit on) and a simulated ``now``.
+   the outbox, 24 h grace, timeline exported to a temporary directory, audit on) and a simulated ``now``,
+   and the audit retention (``--audit-days``, default 180 as ``BROKER_AUDIT_RETENTION_DAYS``).
 3. PostgreSQL: ``VACUUM ANALYZE`` of the tables, standing in for the autovacuum runs a real day has time
    for (``--no-vacuum`` leaves it to autovacuum, which the compressed time outruns).
 4. The size of the database (``pg_database_size``; SQLite: the file and its WAL) and the time of two
@@ -26,8 +29,9 @@ It simulates ``--days`` days of a department with a clock of its own. Each simul
    the median of ``--queries`` runs.
 
 It prints a table every ``--every`` days (and the first and last day), then the rows per table at the
-end. A steady state is reached after ``retention_procedure_days`` + a few days: from then on each day
-adds as much as it removes.
+end. A steady state is reached after the longest retention (``--audit-days``, or
+``retention_procedure_days`` + a few days when that is longer): from then on each day adds as much as
+it removes.
 """
 
 from __future__ import annotations
@@ -55,6 +59,10 @@ from pydicom.dataset import Dataset  # noqa: E402
 from sqlalchemy import Engine, create_engine, func, insert, select, text, update  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
+from broker.audit import events as audit_events  # noqa: E402
+from broker.audit import trail  # noqa: E402
+from broker.audit.events import Source  # noqa: E402
+from broker.audit.shipper import purge_expired  # noqa: E402
 from broker.config import Settings, load_settings  # noqa: E402
 from broker.dicom_json import element  # noqa: E402
 from broker.domain import worklist_item  # noqa: E402
@@ -64,6 +72,7 @@ from broker.store import migrate  # noqa: E402
 from broker.store.session import make_engine  # noqa: E402
 from broker.store.tables import (  # noqa: E402
     AuditRecord,
+    AuditRecordPatient,
     InboundMessage,
     MppsInstance,
     Order,
@@ -78,9 +87,10 @@ from broker.store.tables import (  # noqa: E402
 
 PATIENTS, ORDERS, PROCEDURES = table_of(Patient), table_of(Order), table_of(RequestedProcedure)
 STEPS, STEP_TRANSITIONS, TIMELINE = table_of(ScheduledStep), table_of(StepTransition), table_of(ProcedureTransition)
-MESSAGES, MPPS, OUTBOX, AUDIT = table_of(InboundMessage), table_of(MppsInstance), table_of(OutboxEvent), \
-    table_of(AuditRecord)
-TABLES = (PATIENTS, ORDERS, PROCEDURES, STEPS, STEP_TRANSITIONS, TIMELINE, MESSAGES, MPPS, OUTBOX, AUDIT)
+MESSAGES, MPPS, OUTBOX = table_of(InboundMessage), table_of(MppsInstance), table_of(OutboxEvent)
+AUDIT, AUDIT_PATIENTS = table_of(AuditRecord), table_of(AuditRecordPatient)
+TABLES = (PATIENTS, ORDERS, PROCEDURES, STEPS, STEP_TRANSITIONS, TIMELINE, MESSAGES, MPPS, OUTBOX, AUDIT,
+          AUDIT_PATIENTS)
 STATIONS = (("CT01", "CT"), ("CT02", "CT"), ("CT03", "CT"), ("MR01", "MR"), ("MR02", "MR"), ("US01", "US"),
             ("US02", "US"), ("CR01", "CR"), ("DX01", "DX"), ("MG01", "MG"))
 FIRST_DAY = datetime(2026, 1, 5)
@@ -98,9 +108,12 @@ ORM = ("MSH|^~\\&|RIS|GENHOSP|WLBROKER|RADIOLOGY|{when}||ORM^O01|{control}|P|2.3
 class Simulation:
     """The department's rows, written day by day with a simulated clock."""
 
-    def __init__(self, engine: Engine, per_day: int, seed: int) -> None:
+    def __init__(self, engine: Engine, per_day: int, seed: int, queries_per_day: int = 0) -> None:
         self.engine = engine
         self.per_day = per_day
+        self.queries_per_day = queries_per_day
+        self.audit: list[tuple[audit_events.AuditEvent, datetime]] = []
+        self.broker = trail.broker_participant("WLBROKER")
         self.random = random.Random(seed)
         self.next_id = {"patients": 1, "orders": 1, "messages": 1, "mpps": 1}
         self.recent_patients: deque[tuple[int, str, str]] = deque(maxlen=5000)
@@ -119,7 +132,32 @@ class Simulation:
             self._order(day, number, rows)
             if len(rows["orders"]) >= 1000:
                 self._write(rows)
+        self._queries(day)
         self._write(rows)
+
+    def _queries(self, day: datetime) -> None:
+        """The day's worklist C-FINDs, each a Query record (the modalities poll from 07:00 to 19:00)."""
+        for number in range(self.queries_per_day):
+            station, modality = STATIONS[number % len(STATIONS)]
+            at = day + timedelta(hours=7, seconds=number * 43200 // max(1, self.queries_per_day))
+            identifier = (f"(0040,0100) SQ ScheduledProcedureStepSequence: Modality={modality} "
+                          f"ScheduledStationAETitle={station} ScheduledProcedureStepStartDate={day:%Y%m%d} "
+                          "PatientName PatientID AccessionNumber StudyInstanceUID RequestedProcedureID").encode()
+            self.audit.append((audit_events.query(Source(station, "10.0.1.17", "dicom"), self.broker,
+                                                  what="1.2.840.10008.5.1.4.31", query_bytes=identifier), at))
+
+    def _audit_order(self, at: datetime, action: audit_events.Action, patient_id: str, accession: str,
+                     study: str) -> None:
+        self.audit.append((audit_events.order_record(action, Source(SENDER, "10.0.0.5", "hl7"), self.broker,
+                                                     patient_id=f"{patient_id}^^^GENHOSP",
+                                                     accession_number=accession, study_uid=study), at))
+
+    def _audit_step(self, at: datetime, station: str, patient_id: str, accession: str, study: str, sps: str,
+                    description: str) -> None:
+        self.audit.append((audit_events.procedure_record("U", Source(station, "10.0.1.17", "dicom"), self.broker,
+                                                         patient_id=f"{patient_id}^^^GENHOSP", study_uid=study,
+                                                         accession_number=accession, step_id=sps,
+                                                         description=description), at))
 
     def _write(self, rows: dict[str, list[dict[str, Any]]]) -> None:
         tables = {"messages": MESSAGES, "patients": PATIENTS, "orders": ORDERS, "procedures": PROCEDURES,
@@ -130,6 +168,9 @@ class Simulation:
                 if rows[name]:
                     db.execute(insert(table), rows[name])
                     rows[name].clear()
+            for start in range(0, len(self.audit), 1000):
+                trail.record_many(db, self.audit[start:start + 1000])
+            self.audit.clear()
 
     def _patient(self, created: datetime, rows: dict[str, list[dict[str, Any]]]) -> tuple[int, str, str]:
         if self.recent_patients and self.random.random() > 0.6:
@@ -156,6 +197,7 @@ class Simulation:
         fate = self.random.random()
         status = "COMPLETED" if fate < 0.85 else "CANCELED" if fate < 0.92 else "SCHEDULED"
         message_pk = self._message(ordered, "NW", pk, patient_id, name, accession, sps, study, modality, start, rows)
+        self._audit_order(ordered, "C", patient_id, accession, study)
         rows["orders"].append({"id": pk, "patient_fk": patient_pk, "sender": SENDER, "placer_order_number": f"PL{pk}",
                                "placer_issuer": "RIS", "filler_order_number": f"FL{pk}", "filler_issuer": "RADRIS",
                                "order_control": "NW", "order_status": "SC", "created_at": ordered,
@@ -196,6 +238,8 @@ class Simulation:
             steps.append({"step_fk": pk, "at": ended, "from_status": "STARTED", "to_status": "COMPLETED",
                           "cause": cause, "inbound_message_fk": None})
             for at, old, new in ((start, "SCHEDULED", "STARTED"), (ended, "STARTED", "COMPLETED")):
+                self._audit_step(at, station, patient_id, accession, study, sps,
+                                 "MPPS IN PROGRESS" if new == "STARTED" else "MPPS COMPLETED")
                 rows["timeline"].append({"procedure_fk": pk, "at": at, "from_state": old, "to_state": new,
                                          "cause": cause, "event_kind": "mpps", "event_ref": mpps_uid,
                                          "inbound_message_fk": None})
@@ -216,6 +260,7 @@ class Simulation:
             cancel_pk = self._message(start - timedelta(hours=2), "CA", pk, patient_id, name, accession, sps, study,
                                       modality, start, rows)
             cause = f"HL7 ORM^O01 C{pk}"
+            self._audit_order(start - timedelta(hours=2), "D", patient_id, accession, study)
             steps.append({"step_fk": pk, "at": start, "from_status": "SCHEDULED", "to_status": "CANCELED",
                           "cause": cause, "inbound_message_fk": cancel_pk})
             rows["timeline"].append({"procedure_fk": pk, "at": start, "from_state": "SCHEDULED",
@@ -311,10 +356,11 @@ def run(backend: str, args: argparse.Namespace) -> None:
         migrate.upgrade(engine)
         settings: Settings = load_settings(database_url=url, retention_export_dir=str(Path(tmp) / "export"),
                                            ris_hl7_address="127.0.0.1:2576", retention_batch_size=args.batch_size)
-        simulation = Simulation(engine, args.per_day, args.seed)
+        simulation = Simulation(engine, args.per_day, args.seed, args.queries_per_day)
         finder = WorklistFinder(engine)
-        print(f"\n{backend}: {args.days} days x {args.per_day} orders/day, batch {args.batch_size}", flush=True)
-        header = (f"{'day':>4} {'orders':>8} {'size MB':>8} {'steps':>7} {'messages':>8} {'outbox':>7} "
+        print(f"\n{backend}: {args.days} days x {args.per_day} orders/day, {args.queries_per_day} queries/day, "
+              f"audit kept {args.audit_days} days, batch {args.batch_size}", flush=True)
+        header = (f"{'day':>4} {'orders':>8} {'size MB':>8} {'steps':>7} {'messages':>8} {'outbox':>7} {'audit':>8} "
                   f"{'load s':>6} {'purge s':>7} {'purged':>6} {'disc.':>5} {'station ms':>10} {'n':>3} "
                   f"{'broad ms':>8} {'n':>5}")
         print(header)
@@ -327,6 +373,7 @@ def run(backend: str, args: argparse.Namespace) -> None:
             evening = day + timedelta(hours=20)
             started = time.perf_counter()
             report = apply_retention(settings, engine, evening)
+            purge_expired(engine, args.audit_days, evening)
             purged = time.perf_counter() - started
             relay_done(engine, evening)
             if backend == "postgresql" and not args.no_vacuum:
@@ -340,7 +387,8 @@ def run(backend: str, args: argparse.Namespace) -> None:
                 broad_ms, broad_n = query_ms(finder, "", week, "CT", args.queries)
                 print(f"{number + 1:>4} {simulation.next_id['orders'] - 1:>8} "
                       f"{database_size(engine, url) / 1e6:>8.1f} {rows['scheduled_steps']:>7} "
-                      f"{rows['inbound_messages']:>8} {rows['outbox']:>7} {loaded:>6.1f} {purged:>7.2f} "
+                      f"{rows['inbound_messages']:>8} {rows['outbox']:>7} {rows['audit_records']:>8} "
+                      f"{loaded:>6.1f} {purged:>7.2f} "
                       f"{report.procedures_purged:>6} {report.stale_steps_discontinued:>5} {station_ms:>10.2f} "
                       f"{station_n:>3} {broad_ms:>8.2f} {broad_n:>5}", flush=True)
         print(f"total: load {totals['load']:.0f} s, retention passes {totals['purge']:.0f} s")
@@ -364,6 +412,10 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=10, help="print a line every N days")
     parser.add_argument("--queries", type=int, default=15, help="runs of each query, the median is shown")
     parser.add_argument("--seed", type=int, default=20261205)
+    parser.add_argument("--queries-per-day", type=int, default=7200,
+                        help="worklist C-FINDs a day, each a Query record (50 modalities polling every 5 min, 12 h)")
+    parser.add_argument("--audit-days", type=int, default=180,
+                        help="BROKER_AUDIT_RETENTION_DAYS: the audit records' retention")
     parser.add_argument("--no-vacuum", action="store_true", help="PostgreSQL: leave dead rows to autovacuum")
     args = parser.parse_args()
     structlog.configure(logger_factory=structlog.ReturnLoggerFactory())  # the passes' log lines off the table
