@@ -15,10 +15,12 @@ report; and one channel per AE across two nodes on one PostgreSQL database.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -32,10 +34,14 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from broker.audit.events import SECURITY_ALERT
+from broker.cluster.leases import holder_of
 from broker.config import Settings, load_settings
+from broker.domain import ups_notify
+from broker.events.relay import Relay
 from broker.events.wiring import EventPath
+from broker.outbox import consumer
 from broker.store.tables import AuditRecord, OutboxEvent, UpsSubscription, table_of
-from broker.web.dicomweb.channel import TAKEN_OVER
+from broker.web.dicomweb.channel import TAKEN_OVER, lease_name
 from broker.web.server import WebServer
 from tests.dicom_support import dicom_server, free_port, wait_until
 from tests.events_support import rows
@@ -391,3 +397,87 @@ def test_a_filtered_global_subscription_reports_the_matching_workitems_only(brok
         reports = summary(receive(ws, 2))
         nothing_more(ws)
     assert reports == [(1, mr, "SCHEDULED"), (5, mr, "")]  # and Assigned: it names its station
+
+
+# --- a cluster: two nodes' HTTP servers on one database ------------------------------------------------
+
+def test_one_channel_per_ae_across_two_nodes_and_a_clean_close_at_shutdown(broker: Broker, scu: Association,
+                                                                           database_url: str) -> None:
+    uid = str(generate_uid())
+    assert create(scu, workitem(), uid) == 0
+    node_b = _ServerThread(broker_settings(database_url, "", node_id="node-b"))
+    try:
+        with broker.channel("WSSUB") as on_a:
+            assert broker.subscribe(uid, "WSSUB").status_code == 201
+            assert summary(receive(on_a, 1)) == [(1, uid, "SCHEDULED")]
+            assert holder_of(broker.engine, lease_name("WSSUB")) != "node-b/dicomweb"
+            with broker.channel("WSSUB", port=node_b.server.port) as on_b:
+                with pytest.raises(ConnectionClosed) as closed:  # node A let go when node B asked
+                    on_a.recv(timeout=10)
+                assert closed.value.rcvd is not None and closed.value.rcvd.code == TAKEN_OVER
+                assert holder_of(broker.engine, lease_name("WSSUB")) == "node-b/dicomweb"
+                txn = str(generate_uid())
+                assert change_state(scu, uid, "IN PROGRESS", txn) == 0  # committed by node A's process
+                assert summary(receive(on_b, 1)) == [(1, uid, "IN PROGRESS")]
+                # node B stops: its channel is closed (Service Restart), its lease let go
+                stopping = threading.Thread(target=node_b.stop)
+                stopping.start()
+                with pytest.raises(ConnectionClosed) as shut:
+                    on_b.recv(timeout=10)
+                assert shut.value.rcvd is not None and shut.value.rcvd.code in (1001, 1012)
+                stopping.join(30)
+        assert holder_of(broker.engine, lease_name("WSSUB")) is None
+        assert n_set(scu, uid, progress(txn, 50)) == 0
+        with broker.channel("WSSUB") as again:  # back on node A at once: nothing lost, nothing twice
+            assert summary(receive(again, 1)) == [(3, uid, "")]
+            nothing_more(again)
+    finally:
+        if node_b.thread.is_alive() and not node_b.loop.is_closed():
+            with contextlib.suppress(Exception):
+                node_b.stop()
+
+
+def test_a_dimse_subscriber_that_subscribes_over_ups_rs_moves_to_its_channel(broker: Broker,
+                                                                             scu: Association) -> None:
+    uid = str(generate_uid())
+    assert create(scu, workitem(), uid) == 0
+    assert int(action(scu, uid, SUBSCRIBE, ReceivingAE="WATCHER", DeletionLock="FALSE").Status) == 0
+    assert broker.watcher.wait_for(1, uid) == [(1, "SCHEDULED")]
+    with broker.channel("WATCHER") as ws:
+        assert broker.subscribe(GLOBAL, "WATCHER").status_code == 201  # now on the WebSocket channel
+        assert {s.channel for s in rows(broker.engine, UpsSubscription, subscriber_ae="WATCHER")} == {"websocket"}
+        assert summary(receive(ws, 1)) == [(1, uid, "SCHEDULED")]  # the global subscription's initial report
+        assert change_state(scu, uid, "IN PROGRESS", str(generate_uid())) == 0
+        assert summary(receive(ws, 1)) == [(1, uid, "IN PROGRESS")]
+        nothing_more(ws)
+    assert broker.watcher.events(uid) == [(1, "SCHEDULED")]  # nothing more over DIMSE
+
+
+# --- the outbox side, without servers ------------------------------------------------------------------
+
+def test_the_relay_publishes_dimse_reports_and_never_websocket_ones(engine: Engine) -> None:
+    now = datetime.now()
+    with engine.begin() as db:
+        for ae, channel in (("DIMSESUB", "dimse"), ("WSSUB", "websocket")):
+            db.execute(table_of(UpsSubscription).insert(), {
+                "subscriber_ae": ae, "workitem_uid": GLOBAL, "is_global": True, "matching_keys": None,
+                "deletion_lock": False, "suspended_at": None, "created_at": now, "channel": channel})
+        ids = ups_notify.notify(db, ["DIMSESUB", "WSSUB"], "1.2.3", ups_notify.STATE_REPORT,
+                                ups_notify.state_info("IN PROGRESS"), now)
+    assert len(ids) == 2
+    kinds = {r.payload["subscriber"]: r.kind for r in rows(engine, OutboxEvent)}
+    assert kinds == {"DIMSESUB": "ups.event", "WSSUB": "ups.ws_event"}
+    published: list[str] = []
+    Relay(engine, published.extend).run_once()
+    [dimse_row] = [r for r in rows(engine, OutboxEvent) if r.kind == "ups.event"]
+    assert published == [dimse_row.event_id]
+    [waiting] = consumer.pending(engine, [ups_notify.ordering_key("WSSUB")], "ups.ws_event")
+    assert waiting.payload["info"] == ups_notify.state_info("IN PROGRESS")
+    assert consumer.mark_done(engine, [waiting.id], now) == 1
+    assert consumer.pending(engine, [ups_notify.ordering_key("WSSUB")], "ups.ws_event") == []
+    # the AE moves back to DIMSE: its waiting reports move with it, in their order
+    with engine.begin() as db:
+        ups_notify.notify(db, ["WSSUB"], "1.2.3", ups_notify.STATE_REPORT, ups_notify.state_info("COMPLETED"), now)
+        ups_notify.use_channel(db, "WSSUB", "dimse")
+    moved = [r for r in rows(engine, OutboxEvent) if r.payload["subscriber"] == "WSSUB" and r.status == "pending"]
+    assert [r.kind for r in moved] == ["ups.event"]
