@@ -13,6 +13,7 @@ from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     CheckConstraint,
     DateTime,
@@ -515,6 +516,36 @@ class ClusterNode(Base):
     started_at: Mapped[datetime] = mapped_column(DateTime)
     heartbeat_at: Mapped[datetime] = mapped_column(DateTime)
     stopped_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class WorklistFile(Base):
+    """A ``.wl`` file of a watched worklist folder as the broker last read it (``broker.worklist_files``).
+
+    One row per file (folder + path relative to it): its size and modification time (a scan that finds
+    both unchanged does not open the file again, so a restart re-imports nothing), the SHA-256 of the
+    bytes last applied (a rewrite with the same bytes changes nothing), the identity of its step
+    (``uid:<Study Instance UID>|<SPS ID>`` or ``file:<path>``) and what became of it. ``message_id`` is
+    the archive row (``inbound_messages``) of the last reading; no foreign key, so the retention of the
+    HL7 archive may purge that row. ``present`` is false once the file was deleted.
+    """
+
+    __tablename__ = "worklist_files"
+    __table_args__ = (UniqueConstraint("folder", "path", name="uq_worklist_files_path"),
+                      Index("ix_worklist_files_identity", "identity"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    folder: Mapped[str] = mapped_column(String(500))
+    path: Mapped[str] = mapped_column(String(500))
+    size: Mapped[int] = mapped_column(BigInteger, default=0)
+    mtime_ns: Mapped[int] = mapped_column(BigInteger, default=0)
+    sha256: Mapped[str] = mapped_column(String(64), default="")
+    identity: Mapped[str] = mapped_column(String(200), default="")
+    # created, updated, unchanged, refused, cancelled, removed (deleted, step left as it was)
+    outcome: Mapped[str] = mapped_column(String(16), default="")
+    error: Mapped[str] = mapped_column(Text, default="")
+    message_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    present: Mapped[bool] = mapped_column(Boolean, default=True)
+    read_at: Mapped[datetime] = mapped_column(DateTime)
 
 
 def table_of(model: type[Base]) -> Table:
