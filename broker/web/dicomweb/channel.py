@@ -125,7 +125,7 @@ class ChannelHub:
     async def open(self, ae_title: str, websocket: WebSocket) -> Channel | None:
         """Take the AE's channel: end the one open here, ask another node's holder to let go, wait for
         the lease, accept the WebSocket; returns the new channel (to :meth:`serve`), or None when the
-        lease did not come (the WebSocket is not accepted then)."""
+        lease did not come (the WebSocket is not accepted then) or the client left meanwhile."""
         lock = self._opening.setdefault(ae_title, asyncio.Lock())
         async with lock:
             old = self.channels.get(ae_title)
@@ -138,9 +138,10 @@ class ChannelHub:
                 return None
             try:
                 await websocket.accept()
-            except Exception:
+            except Exception as exc:  # the client left while it waited for the lease
+                log.info("dicomweb.channel_gone", subscriber=ae_title, error=type(exc).__name__)
                 await asyncio.to_thread(self.leases.release, lease_name(ae_title))
-                raise
+                return None
             channel = Channel(ae_title, websocket)
             self.channels[ae_title] = channel
         channel.wake = self._waker(asyncio.get_running_loop())

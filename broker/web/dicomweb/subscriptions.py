@@ -27,6 +27,7 @@ recorded as a Security Alert.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from typing import Annotated, Any
 from urllib.parse import parse_qsl
@@ -287,7 +288,8 @@ async def open_channel(websocket: WebSocket, aetitle: str) -> None:
     hub = channels.hub_of(state, state.engine, state.intake().engine, f"{node_id_for(state.settings)}/dicomweb")
     channel = await hub.open(aetitle, websocket)
     if channel is None:
-        await _deny(websocket, 503, "another channel for this AE is open and did not let go; retry")
+        with contextlib.suppress(Exception):  # the client may have left already
+            await _deny(websocket, 503, "another channel for this AE is open and did not let go; retry")
         return
     host = websocket.client.host if websocket.client else ""
     _record(websocket, audit_events.query(Source(caller.label, host, "http"), state.broker_participant(),
