@@ -65,6 +65,11 @@ def _parser() -> argparse.ArgumentParser:
     audit_output = audit.add_mutually_exclusive_group()
     audit_output.add_argument("--json", action="store_true", help="one JSON object per line")
     audit_output.add_argument("--xml", action="store_true", help="print the DICOM audit messages")
+    wl = commands.add_parser("import-worklist", help="load a folder of .wl worklist files once (a migration "
+                                                     "from wlmscpfs or Orthanc's worklist plugin)")
+    wl.add_argument("folder", type=Path)
+    wl.add_argument("--dry-run", action="store_true", help="read the files and print what would happen, "
+                                                          "change nothing")
     config = commands.add_parser("config", help="settings").add_subparsers(dest="config_command", required=True)
     config.add_parser("show", help="print the effective settings")
     return parser
@@ -135,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
             print(audit_report(make_engine(settings.database_url, pool_size=1), settings, since=args.since,
                                until=args.until, patient=args.patient, user=args.user, event=args.event,
                                limit=args.limit, output="json" if args.json else "xml" if args.xml else "table"))
+        elif args.command == "import-worklist":
+            return _import_worklist(args, settings)
         elif args.command == "config":
             print(json.dumps(settings.model_dump(mode="json"), indent=2))
     except (SettingsError, StartupError, MappingError) as exc:
@@ -178,6 +185,35 @@ def _db(args: argparse.Namespace, settings: Settings) -> int:
         except BackupError as exc:
             print(f"broker: {exc}", file=sys.stderr)
             return 1
+    return 0
+
+
+def _import_worklist(args: argparse.Namespace, settings: Settings) -> int:
+    """``broker import-worklist DIR [--dry-run]``: a progress bar on the console, then the summary."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from broker.store.session import make_engine
+    from broker.worklist_files.importer import import_folder
+    from broker.worklist_files.intake import FileIntake
+
+    if not args.folder.is_dir():
+        print(f"broker: not a folder: {args.folder}", file=sys.stderr)
+        return 2
+    engine = make_engine(settings.database_url, pool_size=2)
+    intake = FileIntake(engine, on_delete=settings.worklist_on_delete, audit=settings.audit_enabled,
+                        ae_title=settings.ae_title)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    try:
+        with Progress(*columns, transient=False) as bar:
+            task = bar.add_task("reading" if args.dry_run else "importing", total=None)
+            summary = import_folder(intake, args.folder, dry_run=args.dry_run,
+                                    total=lambda n: bar.update(task, total=n),
+                                    progress=lambda _: bar.advance(task))
+    finally:
+        engine.dispose()
+    if args.dry_run:
+        print("dry run: nothing was changed")
+    print("\n".join(summary.lines(dry_run=args.dry_run)))
     return 0
 
 

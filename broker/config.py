@@ -89,6 +89,12 @@ class Settings(BaseSettings):
     mwl_page_size: int = Field(500, ge=1, le=100_000)
     uid_root: str = ""
 
+    # --- worklist folders (broker.worklist_files): .wl files as scheduled steps ---
+    worklist_folders: str = ""  # folders watched by 'broker run', separated by the path separator (:)
+    worklist_on_delete: Literal["cancel", "keep"] = "cancel"
+    worklist_settle_seconds: float = Field(2, ge=0)
+    worklist_scan_interval: float = Field(60, gt=0)
+
     # --- procedure status pipeline: MPPS, IAN, Storage Commitment, RIS status ---
     dicom_peers: str = ""
     stgcmt_archive_ae: str = ""
@@ -315,6 +321,11 @@ class Settings(BaseSettings):
     def api_token_roles(self) -> dict[str, str]:
         """``api_tokens`` as token -> role (read or write)."""
         return parse_api_tokens(self.api_tokens)
+
+    @property
+    def worklist_folder_paths(self) -> list[Path]:
+        """``worklist_folders`` as paths (separated by ``os.pathsep``; empty parts ignored)."""
+        return [Path(part) for part in self.worklist_folders.split(os.pathsep) if part.strip()]
 
     @property
     def expected_minutes(self) -> dict[str, float]:

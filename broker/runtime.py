@@ -40,6 +40,7 @@ from broker.store.session import make_engine
 from broker.tls import server_context
 from broker.web import server as web_server
 from broker.web.server import start_with_broker
+from broker.worklist_files.watcher import FolderWatcher, watcher_from_settings
 
 log = structlog.get_logger(__name__)
 
@@ -113,6 +114,11 @@ async def serve(settings: Settings) -> None:
     acceptors = processes.start_acceptors(settings, count, settings.dicom_processes - 1) if several else []
     add_jobs(events, settings, events_engine, audit_engine)
     web = await start_with_broker(settings, audit)
+    # Worklist folders (.wl files) as steps, read by the node holding the lease worklist-folders.
+    folders: FolderWatcher | None = None
+    if settings.worklist_folder_paths:
+        folders = watcher_from_settings(settings, make_engine(settings.database_url, pool_size=2))
+        await asyncio.to_thread(folders.start)
     log.info("broker.started", hl7_port=settings.hl7_port and server.port,
              hl7_tls_port=settings.hl7_tls_port and server.tls_port, dicom_port=dicom.plain_port,
              dicom_tls_port=dicom.tls_port,
@@ -139,6 +145,9 @@ async def serve(settings: Settings) -> None:
     node_engine.dispose()
     if web is not None:
         await web.stop()
+    if folders is not None:
+        await asyncio.to_thread(folders.stop)
+        folders.engine.dispose()
     await asyncio.to_thread(processes.stop_acceptors, acceptors)
     await asyncio.to_thread(dicom.stop)
     await server.stop()  # with intake processes: stops accepting; they still serve their connections

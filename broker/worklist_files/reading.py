@@ -1,0 +1,89 @@
+"""Reading one ``.wl`` file: DICOM (with or without a File Meta header) into the records of a domain
+command, or a refusal that says why.
+
+The item the modalities see is the file's dataset as DICOM JSON, minus the File Meta group and group
+lengths; the broker adds SPS Status (its own status handling: SCHEDULED for a new step) and, for a file
+without one, a derived Study Instance UID. A file must hold a Patient ID (the broker keeps patients by
+it) and exactly one Scheduled Procedure Step Sequence item (one file, one step).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+
+from broker.dicom_json import JsonDataset, element, tag_of, value
+from broker.domain.records import OrderRecord, PatientKey, PatientRecord, ProcedureRecord, StepRecord
+from broker.domain.worklist_item import SPS_SEQUENCE
+from broker.worklist_files.identity import ORDER_ISSUER, derived_study_uid, identity_of, order_number
+
+PATIENT_KEYWORDS = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex")
+"""The attributes of a file that belong to the patient record (the rest stay the step's item)."""
+
+
+class FileRefused(Exception):
+    """The file cannot become a step; ``reason`` is one line for the operator (no patient data)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class WorklistEntry:
+    """What one file asks for: its step's identity and the records of the domain command."""
+
+    identity: str
+    patient: PatientRecord
+    order: OrderRecord
+
+
+def dataset_json(data: bytes) -> JsonDataset:
+    """The file's dataset as DICOM JSON (no File Meta, no group lengths); raises FileRefused."""
+    if not data:
+        raise FileRefused("empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom warns about odd values; the checks below decide
+            dataset = dcmread(io.BytesIO(data), force=True)
+            dataset.remove_private_tags()
+            result = dataset.to_json_dict(bulk_data_threshold=1 << 30)
+    except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError, AttributeError,
+            NotImplementedError) as exc:
+        raise FileRefused(f"not a readable DICOM file ({type(exc).__name__})") from exc
+    result = {tag: elem for tag, elem in result.items() if not tag.startswith("0002") and not tag.endswith("0000")}
+    if not result:
+        raise FileRefused("not a readable DICOM file (no data elements)")
+    return result
+
+
+def read_entry(data: bytes, relative_path: str) -> WorklistEntry:
+    """The entry of a file's bytes; ``relative_path`` (inside its folder) names it when it has no
+    Study Instance UID and SPS ID. Raises FileRefused."""
+    item = dataset_json(data)
+    sequence = item.get(SPS_SEQUENCE, {}).get("Value") or []
+    if len(sequence) != 1:
+        raise FileRefused(f"{len(sequence)} Scheduled Procedure Step Sequence items (one is needed)")
+    patient_id = value(item, "PatientID")
+    if not patient_id:
+        raise FileRefused("no Patient ID")
+    study_uid = value(item, "StudyInstanceUID")
+    sps_id = value(sequence[0], "ScheduledProcedureStepID")
+    identity = identity_of(study_uid, sps_id, relative_path)
+    if not study_uid:
+        study_uid = derived_study_uid(identity)
+        item[tag_of("StudyInstanceUID")] = element("StudyInstanceUID", study_uid)
+    patient = PatientRecord(PatientKey(patient_id, value(item, "IssuerOfPatientID")),
+                            {tag_of(k): item[tag_of(k)] for k in PATIENT_KEYWORDS if tag_of(k) in item})
+    procedure = ProcedureRecord(
+        requested_procedure_id=value(item, "RequestedProcedureID"), accession_number=value(item, "AccessionNumber"),
+        study_instance_uid=study_uid, description=value(item, "RequestedProcedureDescription"),
+        steps=[StepRecord(sps_id, item)])
+    order = OrderRecord(placer_order_number=order_number(identity), placer_issuer=ORDER_ISSUER,
+                        filler_order_number="", filler_issuer="", order_control="NW", order_status="SC",
+                        procedures=[procedure])
+    return WorklistEntry(identity, patient, order)
