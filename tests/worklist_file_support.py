@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,12 +43,10 @@ class Item:
         ds.AccessionNumber = self.accession or f"A-{self.sps_id}"
         ds.ReferringPhysicianName = "HOUSE^GREGORY"
         ds.PatientName = self.name
-        ds.PatientID = self.patient_id if self.patient_id is not None else ""
-        if self.patient_id == "":
-            ds.PatientID = f"P-{self.sps_id}"
+        ds.PatientID = self.patient_id or f"P-{self.sps_id}"
         ds.PatientBirthDate = self.birth_date
         ds.PatientSex = self.sex
-        ds.StudyInstanceUID = self.study_uid or f"{UID_PREFIX}{abs(hash(self.sps_id)) % 10**12}"
+        ds.StudyInstanceUID = self.study_uid or f"{UID_PREFIX}{zlib.crc32(self.sps_id.encode())}"
         ds.RequestingPhysician = "CUDDY^LISA"
         ds.RequestedProcedureDescription = self.description
         ds.RequestedProcedureID = f"RP-{self.sps_id}"[:16]
@@ -72,7 +71,7 @@ def wl_bytes(ds: Dataset) -> bytes:
     """A dataset as a .wl file's bytes (File Meta header, Explicit VR Little Endian)."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.31"
-    meta.MediaStorageSOPInstanceUID = f"{UID_PREFIX}9.{abs(hash(id(ds))) % 10**9}"
+    meta.MediaStorageSOPInstanceUID = f"{UID_PREFIX}9.{zlib.crc32(repr(ds).encode())}"
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta = meta
     buffer = io.BytesIO()
