@@ -117,17 +117,17 @@ class FileIntake:
             return Outcome(path, "unchanged", state.identity)
         try:
             entry: WorklistEntry | None = read_entry(data, path)
-            refusal = ""
+            refusal, unreadable = "", False
         except FileRefused as exc:
-            entry, refusal = None, exc.reason
+            entry, refusal, unreadable = None, exc.reason, exc.unreadable
         if dry_run:
-            return self._preview(path, entry, refusal)
+            return self._preview(path, entry, refusal, unreadable)
         message_id = self._archive(folder, path, data, MESSAGE_TYPE)
         for attempt in range(RETRIES):
             try:
                 with self.engine.begin() as db:
                     if entry is None:
-                        outcome = Outcome(path, "unreadable", "", refusal, message_id)
+                        outcome = Outcome(path, "unreadable" if unreadable else "refused", "", refusal, message_id)
                     else:
                         outcome = self._apply_entry(db, folder, path, entry, state, message_id)
                     self._finish(db, folder, path, digest, stat, outcome)
@@ -151,10 +151,10 @@ class FileIntake:
                      message_id=message_id)
         return outcome
 
-    def _preview(self, path: str, entry: WorklistEntry | None, refusal: str) -> Outcome:
+    def _preview(self, path: str, entry: WorklistEntry | None, refusal: str, unreadable: bool) -> Outcome:
         """What :meth:`apply` would do, read without changing anything."""
         if entry is None:
-            return Outcome(path, "unreadable", "", refusal)
+            return Outcome(path, "unreadable" if unreadable else "refused", "", refusal)
         with self.engine.connect() as db:
             exists = WorklistService(db).find_order(entry.order) is not None
         return Outcome(path, "updated" if exists else "created", entry.identity)
@@ -255,7 +255,7 @@ class FileIntake:
     def _service(self, db: Connection, folder: str) -> WorklistService:
         audit = None
         if self.audit:
-            audit = ChangeAudit(Source(f"worklist folder {folder}"[-64:], "", "broker"),
+            audit = ChangeAudit(Source("worklist folder " + folder[-180:], "", "broker"),
                                 broker_participant(self.ae_title))
         return WorklistService(db, clock=self.clock, audit=audit)
 

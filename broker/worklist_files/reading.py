@@ -26,11 +26,14 @@ PATIENT_KEYWORDS = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBir
 
 
 class FileRefused(Exception):
-    """The file cannot become a step; ``reason`` is one line for the operator (no patient data)."""
+    """The file cannot become a step; ``reason`` is one line for the operator (no patient data).
+    ``unreadable``: it is no DICOM file at all (moved aside), else a DICOM file the broker cannot use
+    as it is (left in place, read again once it changes)."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, *, unreadable: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.unreadable = unreadable
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,7 @@ class WorklistEntry:
 def dataset_json(data: bytes) -> JsonDataset:
     """The file's dataset as DICOM JSON (no File Meta, no group lengths); raises FileRefused."""
     if not data:
-        raise FileRefused("empty file")
+        raise FileRefused("empty file", unreadable=True)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pydicom warns about odd values; the checks below decide
@@ -54,10 +57,10 @@ def dataset_json(data: bytes) -> JsonDataset:
             result = dataset.to_json_dict(bulk_data_threshold=1 << 30)
     except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError, AttributeError,
             NotImplementedError) as exc:
-        raise FileRefused(f"not a readable DICOM file ({type(exc).__name__})") from exc
+        raise FileRefused(f"not a readable DICOM file ({type(exc).__name__})", unreadable=True) from exc
     result = {tag: elem for tag, elem in result.items() if not tag.startswith("0002") and not tag.endswith("0000")}
     if not result:
-        raise FileRefused("not a readable DICOM file (no data elements)")
+        raise FileRefused("not a readable DICOM file (no data elements)", unreadable=True)
     return result
 
 
