@@ -18,11 +18,12 @@ from pathlib import Path
 
 import structlog
 
-from broker.worklist_files.intake import FileIntake, FileStat, Outcome
+from broker.worklist_files.intake import FileIntake, FileStat, Outcome, Read
 
 log = structlog.get_logger(__name__)
 FAILED_DIR = ".failed"
 SUFFIX = ".wl"
+BATCH = 200  # files per transaction in a scan or an import
 
 
 def is_worklist_name(name: str) -> bool:
@@ -91,36 +92,62 @@ class Folder:
                 if state.present and path not in files:
                     yield Change(path, None)
 
-    def sync(self, *, settled_only: bool = True, dry_run: bool = False,
+    def sync(self, *, settled_only: bool = True, dry_run: bool = False, batch: int = BATCH,
              progress: Callable[[Outcome], None] | None = None) -> list[Outcome]:
-        """Read every changed file and handle every deleted one; returns what became of each."""
-        outcomes = []
-        for change in self.changes(settled_only=settled_only):
-            outcome = self.handle(change.path, dry_run=dry_run) if change.stat else \
-                self.intake.remove(self.key, change.path, dry_run=dry_run)
-            if outcome is not None:
+        """Read every changed file (``batch`` files per transaction) and handle every deleted one;
+        returns what became of each."""
+        outcomes: list[Outcome] = []
+        written: list[str] = []
+
+        def flush() -> None:
+            for outcome in self.handle_many(written, dry_run=dry_run):
                 outcomes.append(outcome)
                 if progress is not None:
                     progress(outcome)
+            written.clear()
+
+        for change in self.changes(settled_only=settled_only):
+            if change.stat is not None:
+                written.append(change.path)
+                if len(written) >= batch:
+                    flush()
+                continue
+            outcome = self.intake.remove(self.key, change.path, dry_run=dry_run)
+            outcomes.append(outcome)
+            if progress is not None:
+                progress(outcome)
+        flush()
         return outcomes
 
     def handle(self, path: str, *, dry_run: bool = False) -> Outcome | None:
         """Read one file (present: applied; gone: removed). None: it changed while it was read (it is
         still being written; a later event or scan reads it)."""
-        full = self.root / path
-        try:
-            before = full.stat()
-            data = full.read_bytes()
-            after = full.stat()
-        except FileNotFoundError:
-            return self.intake.remove(self.key, path, dry_run=dry_run)
-        stat = FileStat(after.st_size, after.st_mtime_ns)
-        if (before.st_size, before.st_mtime_ns) != (stat.size, stat.mtime_ns) or len(data) != stat.size:
-            return None
-        outcome = self.intake.apply(self.key, path, data, stat, dry_run=dry_run)
-        if outcome.outcome == "unreadable" and not dry_run:
-            self.move_aside(path)
-        return outcome
+        outcomes = self.handle_many([path], dry_run=dry_run)
+        return outcomes[0] if outcomes else None
+
+    def handle_many(self, paths: list[str], *, dry_run: bool = False) -> list[Outcome]:
+        """Read files and apply those read complete in one batch; a file gone is removed. Files that
+        changed while they were read are left out (a later event or scan reads them)."""
+        reads: list[Read] = []
+        outcomes: list[Outcome] = []
+        for path in paths:
+            full = self.root / path
+            try:
+                before = full.stat()
+                data = full.read_bytes()
+                after = full.stat()
+            except FileNotFoundError:
+                outcomes.append(self.intake.remove(self.key, path, dry_run=dry_run))
+                continue
+            stat = FileStat(after.st_size, after.st_mtime_ns)
+            if (before.st_size, before.st_mtime_ns) == (stat.size, stat.mtime_ns) and len(data) == stat.size:
+                reads.append(Read(path, data, stat))
+        if reads:
+            for outcome in self.intake.apply_many(self.key, reads, dry_run=dry_run):
+                if outcome.outcome == "unreadable" and not dry_run:
+                    self.move_aside(outcome.path)
+                outcomes.append(outcome)
+        return outcomes
 
     def move_aside(self, path: str) -> Path | None:
         """Move an unreadable file into ``.failed/`` (same sub-path; an older one there is kept under a

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from broker.worklist_files.folders import Folder, list_files
+from broker.worklist_files.folders import BATCH, Folder, list_files
 from broker.worklist_files.intake import FileIntake, Outcome
 
 
@@ -63,13 +63,12 @@ def import_folder(intake: FileIntake, root: Path, *, dry_run: bool = False,
     summary.read += listed - len(changes)
     if total is not None:
         total(len(changes))
-    for change in changes:
-        outcome = folder.handle(change.path, dry_run=dry_run)
-        if outcome is None:  # written to while it was read: left for the watcher
-            continue
-        summary.add(outcome)
-        if outcome.outcome == "unreadable" and not dry_run:
-            summary.moved_aside += 1
-        if progress is not None:
-            progress(outcome)
+    for start in range(0, len(changes), BATCH):
+        # (a file written to while it was read is left out: the watcher reads it later)
+        for outcome in folder.handle_many([c.path for c in changes[start:start + BATCH]], dry_run=dry_run):
+            summary.add(outcome)
+            if outcome.outcome == "unreadable" and not dry_run:
+                summary.moved_aside += 1
+            if progress is not None:
+                progress(outcome)
     return summary

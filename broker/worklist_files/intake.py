@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import structlog
-from sqlalchemy import Connection, Engine, insert, select, update
+from sqlalchemy import Connection, Engine, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from broker.audit.events import Source
@@ -49,6 +49,11 @@ MESSAGE_TYPE = "DICOM^WL"
 DELETE_TYPE = "DICOM^WL-DEL"
 RETRIES = 3
 ON_DELETE = ("cancel", "keep")
+# Built once: a batch of thousands of files would otherwise build them per file (SQLAlchemy's
+# statement construction cost about as much as the database work).
+_INSERT_MESSAGE = insert(MESSAGES).returning(MESSAGES.c.id, sort_by_parameter_order=True)
+_UPDATE_FILE = update(FILES).where(FILES.c.id == bindparam("pk"))
+_RECORD_OUTCOME = update(MESSAGES).where(MESSAGES.c.id == bindparam("pk"))
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,28 @@ class FileStat:
 
     size: int
     mtime_ns: int
+
+
+@dataclass(frozen=True)
+class Read:
+    """A file's bytes as read, complete, with the size and time they were read at."""
+
+    path: str
+    data: bytes
+    stat: FileStat
+
+
+@dataclass(eq=False)
+class _Job:
+    """One file on its way through a batch."""
+
+    read: Read
+    digest: str
+    state: Any  # its worklist_files row, or None
+    entry: WorklistEntry | None = None
+    refusal: Outcome | None = None  # why it cannot be applied, found while reading it
+    message_id: int | None = None
+    outcome: Outcome = field(default_factory=lambda: Outcome("", ""))
 
 
 class FileIntake:
@@ -108,53 +135,91 @@ class FileIntake:
     # --- a file written -----------------------------------------------------------------------------------
     def apply(self, folder: str, path: str, data: bytes, stat: FileStat, *, dry_run: bool = False) -> Outcome:
         """Apply a file's bytes (new or changed). ``dry_run``: say what would happen, change nothing."""
-        digest = hashlib.sha256(data).hexdigest()
+        return self.apply_many(folder, [Read(path, data, stat)], dry_run=dry_run)[0]
+
+    def apply_many(self, folder: str, files: list[Read], *, dry_run: bool = False) -> list[Outcome]:
+        """Apply several files of a folder: one archive transaction for all, then one transaction in
+        which each file has its own SAVEPOINT (a refused file's changes are rolled back alone), so a
+        scan or an import commits once per batch instead of twice per file."""
         with self.engine.connect() as db:
-            state = db.execute(select(FILES).where(FILES.c.folder == folder, FILES.c.path == path)).first()
-        if state is not None and state.present and state.sha256 == digest:
-            if not dry_run and (state.size, state.mtime_ns) != (stat.size, stat.mtime_ns):
-                self.touch(folder, path, stat)
-            return Outcome(path, "unchanged", state.identity)
-        try:
-            entry: WorklistEntry | None = read_entry(data, path)
-            refusal, unreadable = "", False
-        except FileRefused as exc:
-            entry, refusal, unreadable = None, exc.reason, exc.unreadable
-        if dry_run:
-            return self._preview(path, entry, refusal, unreadable)
-        message_id = self._archive(folder, path, data, MESSAGE_TYPE)
+            states = {row.path: row for row in db.execute(select(FILES).where(
+                FILES.c.folder == folder, FILES.c.path.in_([f.path for f in files])))}
+        outcomes: dict[str, Outcome] = {}
+        jobs: list[_Job] = []
+        for read in files:
+            state = states.get(read.path)
+            digest = hashlib.sha256(read.data).hexdigest()
+            if state is not None and state.present and state.sha256 == digest:
+                if not dry_run and (state.size, state.mtime_ns) != (read.stat.size, read.stat.mtime_ns):
+                    self.touch(folder, read.path, read.stat)
+                outcomes[read.path] = Outcome(read.path, "unchanged", state.identity)
+                continue
+            job = _Job(read, digest, state)
+            try:
+                job.entry = read_entry(read.data, read.path)
+            except FileRefused as exc:
+                job.refusal = Outcome(read.path, "unreadable" if exc.unreadable else "refused", "", exc.reason)
+            if dry_run:
+                outcomes[read.path] = job.refusal or self._preview(read.path, job.entry)
+            else:
+                jobs.append(job)
+        if jobs:
+            self._archive_all(folder, jobs)
+            self._apply_jobs(folder, jobs)
+            for job in jobs:
+                outcome = outcomes[job.read.path] = job.outcome
+                if outcome.failed:
+                    log.warning("worklist_file.refused", folder=folder, path=outcome.path, reason=outcome.error,
+                                message_id=outcome.message_id)
+                else:
+                    log.info("worklist_file.applied", folder=folder, path=outcome.path, outcome=outcome.outcome,
+                             message_id=outcome.message_id)
+        return [outcomes[read.path] for read in files]
+
+    def _apply_jobs(self, folder: str, jobs: list[_Job]) -> None:
+        """The processing transaction of a batch, retried whole when the database is busy."""
         for attempt in range(RETRIES):
             try:
                 with self.engine.begin() as db:
-                    if entry is None:
-                        outcome = Outcome(path, "unreadable" if unreadable else "refused", "", refusal, message_id)
-                    else:
-                        outcome = self._apply_entry(db, folder, path, entry, state, message_id)
-                    self._finish(db, folder, path, digest, stat, outcome)
-                break
-            except (_Refused, IntegrityError) as exc:
-                reason = exc.reason if isinstance(exc, _Refused) else f"conflict ({type(exc.orig).__name__})"
-                if isinstance(exc, IntegrityError) and attempt < RETRIES - 1:
-                    continue
-                outcome = Outcome(path, "refused", entry.identity if entry else "", reason, message_id)
-                with self.engine.begin() as db:
-                    self._finish(db, folder, path, digest, stat, outcome)
-                break
+                    for job in jobs:
+                        self._apply_job(db, folder, job)
+                return
             except OperationalError:
                 if attempt == RETRIES - 1:
                     raise
-        if outcome.failed:
-            log.warning("worklist_file.refused", folder=folder, path=path, reason=outcome.error,
-                        message_id=message_id)
-        else:
-            log.info("worklist_file.applied", folder=folder, path=path, outcome=outcome.outcome,
-                     message_id=message_id)
-        return outcome
+                log.warning("worklist_file.retry", attempt=attempt + 1, batch=len(jobs))
 
-    def _preview(self, path: str, entry: WorklistEntry | None, refusal: str, unreadable: bool) -> Outcome:
-        """What :meth:`apply` would do, read without changing anything."""
-        if entry is None:
-            return Outcome(path, "unreadable" if unreadable else "refused", "", refusal)
+    def _apply_job(self, db: Connection, folder: str, job: _Job) -> None:
+        """One file in its savepoint: applied, or rolled back and recorded as refused."""
+        assert job.message_id is not None
+        path = job.read.path
+        if job.refusal is not None:
+            job.outcome = Outcome(path, job.refusal.outcome, "", job.refusal.error, job.message_id)
+            self._finish(db, folder, job, job.outcome)
+            return
+        assert job.entry is not None
+        reason = ""
+        for _attempt in range(2):  # an IntegrityError is a concurrent writer (HL7) of the same patient: once more
+            savepoint = db.begin_nested()
+            try:
+                outcome = self._apply_entry(db, folder, path, job.entry, job.state, job.message_id)
+                self._finish(db, folder, job, outcome)
+                savepoint.commit()
+                job.outcome = outcome
+                return
+            except _Refused as exc:
+                savepoint.rollback()
+                reason = exc.reason
+                break
+            except IntegrityError as exc:
+                savepoint.rollback()
+                reason = f"conflict ({type(exc.orig).__name__})"
+        job.outcome = Outcome(path, "refused", job.entry.identity, reason, job.message_id)
+        self._finish(db, folder, job, job.outcome)
+
+    def _preview(self, path: str, entry: WorklistEntry | None) -> Outcome:
+        """What :meth:`apply` would do with a readable file, read without changing anything."""
+        assert entry is not None
         with self.engine.connect() as db:
             exists = WorklistService(db).find_order(entry.order) is not None
         return Outcome(path, "updated" if exists else "created", entry.identity)
@@ -226,31 +291,46 @@ class FileIntake:
 
     # --- the archive and the state row --------------------------------------------------------------------
     def _archive(self, folder: str, path: str, data: bytes, message_type: str) -> int:
-        """Store the file's bytes before anything is applied; returns the archive row's id."""
-        row = {"received_at": self.clock(), "peer": f"file {path}"[:100], "sender": f"folder {folder}"[-200:],
-               "control_id": "", "message_type": message_type, "raw": data, "charset": "", "status": "received"}
+        """Store a deletion before it is applied; returns the archive row's id."""
         with self.engine.begin() as db:
-            if db.dialect.name == "sqlite":
-                return int(db.execute(insert(MESSAGES).values(row)).lastrowid)
-            return int(db.execute(insert(MESSAGES).values(row).returning(MESSAGES.c.id)).scalar_one())
+            return int(db.execute(_INSERT_MESSAGE, [self._archive_row(folder, path, data, message_type)]).scalar_one())
 
-    def _finish(self, db: Connection, folder: str, path: str, digest: str, stat: FileStat, outcome: Outcome) -> None:
+    def _archive_all(self, folder: str, jobs: list[_Job]) -> None:
+        """Store every file's bytes, in one transaction, before anything is applied."""
+        rows = [self._archive_row(folder, job.read.path, job.read.data, MESSAGE_TYPE) for job in jobs]
+        for attempt in range(RETRIES):
+            try:
+                with self.engine.begin() as db:
+                    ids = list(db.execute(_INSERT_MESSAGE, rows).scalars())
+                break
+            except OperationalError:
+                if attempt == RETRIES - 1:
+                    raise
+        for job, message_id in zip(jobs, ids, strict=True):
+            job.message_id = int(message_id)
+
+    def _archive_row(self, folder: str, path: str, data: bytes, message_type: str) -> dict[str, Any]:
+        return {"received_at": self.clock(), "peer": f"file {path}"[:100], "sender": f"folder {folder}"[-200:],
+                "control_id": "", "message_type": message_type, "raw": data, "charset": "", "status": "received"}
+
+    def _finish(self, db: Connection, folder: str, job: _Job, outcome: Outcome) -> None:
         """The file's state row and its archive row's outcome, in the caller's transaction."""
-        values = {"size": stat.size, "mtime_ns": stat.mtime_ns, "sha256": digest, "identity": outcome.identity,
-                  "outcome": outcome.outcome, "error": outcome.error, "message_id": outcome.message_id,
-                  "present": True, "read_at": self.clock()}
-        changed = db.execute(update(FILES).where(FILES.c.folder == folder, FILES.c.path == path).values(values))
-        if not changed.rowcount:
-            db.execute(insert(FILES).values(folder=folder, path=path, **values))
+        values = {"size": job.read.stat.size, "mtime_ns": job.read.stat.mtime_ns, "sha256": job.digest,
+                  "identity": outcome.identity, "outcome": outcome.outcome, "error": outcome.error,
+                  "message_id": outcome.message_id, "present": True, "read_at": self.clock()}
+        if job.state is not None:
+            db.execute(_UPDATE_FILE, {"pk": job.state.id, **values})
+        else:
+            db.execute(insert(FILES), {"folder": folder, "path": job.read.path, **values})
         if outcome.message_id is not None:
             self._record(db, outcome.message_id, outcome)
 
     def _record(self, db: Connection, message_id: int, outcome: Outcome) -> None:
         failed = outcome.failed
-        db.execute(update(MESSAGES).where(MESSAGES.c.id == message_id).values(
-            status="error" if failed else "accepted", ack_code="AE" if failed else "AA",
-            processed_at=self.clock(), error=outcome.error[:4000],
-            ack=f"{outcome.outcome} {outcome.identity}".strip().encode("utf-8")))
+        db.execute(_RECORD_OUTCOME, {
+            "pk": message_id, "status": "error" if failed else "accepted", "ack_code": "AE" if failed else "AA",
+            "processed_at": self.clock(), "error": outcome.error[:4000],
+            "ack": f"{outcome.outcome} {outcome.identity}".strip().encode("utf-8")})
 
     def _service(self, db: Connection, folder: str) -> WorklistService:
         audit = None

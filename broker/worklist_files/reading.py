@@ -53,15 +53,27 @@ def dataset_json(data: bytes) -> JsonDataset:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pydicom warns about odd values; the checks below decide
             dataset = dcmread(io.BytesIO(data), force=True)
-            dataset.remove_private_tags()
             result = dataset.to_json_dict(bulk_data_threshold=1 << 30)
     except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError, AttributeError,
             NotImplementedError) as exc:
         raise FileRefused(f"not a readable DICOM file ({type(exc).__name__})", unreadable=True) from exc
-    result = {tag: elem for tag, elem in result.items() if not tag.startswith("0002") and not tag.endswith("0000")}
+    result = _public(result)
     if not result:
         raise FileRefused("not a readable DICOM file (no data elements)", unreadable=True)
     return result
+
+
+def _public(dataset: JsonDataset) -> JsonDataset:
+    """The standard elements: no File Meta group, group lengths or private elements (odd groups), at
+    any depth (pydicom's remove_private_tags walks the dataset and cost half the reading time)."""
+    kept: JsonDataset = {}
+    for tag, elem in dataset.items():
+        if tag.startswith("0002") or tag.endswith("0000") or int(tag[3], 16) % 2:
+            continue
+        if elem.get("vr") == "SQ" and elem.get("Value"):
+            elem = {**elem, "Value": [_public(item) for item in elem["Value"]]}
+        kept[tag] = elem
+    return kept
 
 
 def read_entry(data: bytes, relative_path: str) -> WorklistEntry:

@@ -1,0 +1,222 @@
+"""Worklist folder benchmark (issue 23): import of a folder of ``.wl`` files, and the watcher's latency.
+
+Run it by hand from the repository root (it is not a test and is never collected by pytest)::
+
+    .venv/bin/python bench/worklist_import.py                          # 100,000 files, 1,000 latencies, SQLite
+    .venv/bin/python bench/worklist_import.py --files 20000 --latency-files 200 --backend postgresql
+
+1. *Import*: ``--files`` ``.wl`` files (one step each, the attributes a RIS export writes, 50 AE
+   sub-folders as wlmscpfs keeps them) are written into a temporary folder, then loaded by the real
+   command ``broker import-worklist DIR`` in a child process, whose progress bar is on the console.
+   Measured: items per second (wall time of the command, start-up included) and its peak RSS
+   (``wait4``'s ``ru_maxrss``).
+2. *Latency*: ``broker run`` (a child process) watches an empty folder with the default settle time;
+   ``--latency-files`` files are each written under a hidden name and renamed into place, one after the
+   other, and a pynetdicom modality asks C-FIND for the file's Patient ID on one association until the
+   item is answered. Measured: rename -> first answer containing the item, p50 / p99 / max.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from pydicom import Dataset  # noqa: E402
+from pydicom.dataset import FileMetaDataset  # noqa: E402
+from pydicom.uid import ExplicitVRLittleEndian  # noqa: E402
+from pynetdicom import AE  # noqa: E402
+from pynetdicom.sop_class import ModalityWorklistInformationFind  # type: ignore[attr-defined]  # noqa: E402
+
+BROKER = [sys.executable, "-m", "broker"]
+UID_PREFIX = "1.2.826.0.1.3680043.10.543.99."
+MODALITIES = ["CT", "MR", "US", "CR", "DX", "MG", "NM", "PT", "XA", "RF"]
+
+
+def wl_file(n: int) -> bytes:
+    """The n-th file: a typical item (about 1 KB) with its own patient, study and step."""
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.AccessionNumber = f"A{n:09d}"
+    ds.ReferringPhysicianName = "HOUSE^GREGORY"
+    ds.PatientName = f"PATIENT{n}^TEST"
+    ds.PatientID = f"P{n:09d}"
+    ds.PatientBirthDate = "19700101"
+    ds.PatientSex = "FM"[n % 2]
+    ds.StudyInstanceUID = f"{UID_PREFIX}{n}"
+    ds.RequestingPhysician = "CUDDY^LISA"
+    ds.RequestedProcedureDescription = "EXAMINATION"
+    ds.RequestedProcedureID = f"RP{n:09d}"
+    ds.RequestedProcedurePriority = "ROUTINE"
+    step = Dataset()
+    modality = MODALITIES[n % len(MODALITIES)]
+    step.ScheduledStationAETitle = f"{modality}{n % 5:02d}"
+    step.ScheduledProcedureStepStartDate = f"202612{1 + n % 28:02d}"
+    step.ScheduledProcedureStepStartTime = f"{7 + n % 12:02d}{n % 4 * 15:02d}00"
+    step.Modality = modality
+    step.ScheduledPerformingPhysicianName = "GREY^MEREDITH"
+    step.ScheduledProcedureStepDescription = "EXAMINATION"
+    step.ScheduledStationName = f"ROOM{n % 50}"
+    step.ScheduledProcedureStepLocation = "RADIOLOGY"
+    step.ScheduledProcedureStepID = f"S{n:09d}"
+    ds.ScheduledProcedureStepSequence = [step]
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.31"
+    meta.MediaStorageSOPInstanceUID = f"{UID_PREFIX}9.{n}"
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta = meta
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def write_folder(folder: Path, count: int) -> None:
+    for n in range(count):
+        sub = folder / f"AE{n % 50:02d}"
+        sub.mkdir(parents=True, exist_ok=True)
+        (sub / f"{n:09d}.wl").write_bytes(wl_file(n))
+
+
+def environment(database_url: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    env.update(BROKER_DATABASE_URL=database_url, BROKER_LOG_FORMAT="json", BROKER_LOG_LEVEL="WARNING", **extra)
+    return env
+
+
+def database(backend: str, work: Path, pg_url: str) -> str:
+    """A fresh database of ``backend``, migrated."""
+    if backend == "sqlite":
+        url = f"sqlite:///{work}/broker.db"
+    else:
+        from sqlalchemy import create_engine, text
+
+        name = f"bench_wl_{os.getpid()}"
+        admin = create_engine(pg_url, isolation_level="AUTOCOMMIT")
+        with admin.connect() as db:
+            db.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+            db.execute(text(f'CREATE DATABASE "{name}"'))
+        admin.dispose()
+        url = pg_url.rsplit("/", 1)[0] + f"/{name}"
+    subprocess.run([*BROKER, "db", "upgrade"], cwd=ROOT, env=environment(url), check=True,
+                   stdout=subprocess.DEVNULL)
+    return url
+
+
+def bench_import(url: str, folder: Path) -> tuple[float, float, int]:
+    """``broker import-worklist`` on the folder: (seconds, items per second, peak RSS in KB)."""
+    count = sum(1 for _ in folder.rglob("*.wl"))
+    started = time.perf_counter()
+    child = subprocess.Popen([*BROKER, "import-worklist", str(folder)], cwd=ROOT, env=environment(url))
+    _, status, usage = os.wait4(child.pid, 0)
+    seconds = time.perf_counter() - started
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode != 0:
+        raise SystemExit(f"import-worklist failed ({child.returncode})")
+    return seconds, count / seconds, usage.ru_maxrss
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_for_port(port: int, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise SystemExit("broker run did not start")
+
+
+def bench_latency(url: str, folder: Path, count: int, offset: int) -> list[float]:
+    """Rename -> C-FIND answer, in seconds, for ``count`` files one after the other."""
+    folder.mkdir(parents=True, exist_ok=True)
+    dicom_port, http_port = free_port(), free_port()
+    env = environment(url, BROKER_WORKLIST_FOLDERS=str(folder), BROKER_DICOM_PORT=str(dicom_port),
+                      BROKER_HTTP_PORT=str(http_port), BROKER_HL7_PORT=str(free_port()))
+    broker = subprocess.Popen([*BROKER, "run"], cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
+    latencies = []
+    try:
+        wait_for_port(http_port)
+        time.sleep(1.0)  # the watcher takes the lease and makes its first scan
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(ModalityWorklistInformationFind)
+        assoc = ae.associate("127.0.0.1", dicom_port, ae_title="BROKER")
+        assert assoc.is_established
+        try:
+            for n in range(offset, offset + count):
+                data = wl_file(n)
+                identifier = Dataset()
+                identifier.PatientID = f"P{n:09d}"
+                step = Dataset()
+                step.ScheduledProcedureStepID = ""
+                identifier.ScheduledProcedureStepSequence = [step]
+                temporary, final = folder / f".{n}.wl.tmp", folder / f"{n}.wl"
+                temporary.write_bytes(data)
+                os.replace(temporary, final)
+                renamed = time.perf_counter()
+                while True:
+                    found = any(status is not None and status.Status in (0xFF00, 0xFF01)
+                                for status, _ in assoc.send_c_find(identifier, ModalityWorklistInformationFind))
+                    if found:
+                        latencies.append(time.perf_counter() - renamed)
+                        break
+                    if time.perf_counter() - renamed > 30:
+                        raise SystemExit(f"file {n} not answered within 30 s")
+        finally:
+            assoc.release()
+    finally:
+        broker.send_signal(signal.SIGTERM)
+        broker.wait(30)
+    return latencies
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--files", type=int, default=100_000)
+    parser.add_argument("--latency-files", type=int, default=1_000)
+    parser.add_argument("--backend", choices=("sqlite", "postgresql"), default="sqlite")
+    parser.add_argument("--pg-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-wl-"))
+    try:
+        url = database(args.backend, work, args.pg_url)
+        if args.files:
+            started = time.perf_counter()
+            write_folder(work / "export", args.files)
+            print(f"wrote {args.files} .wl files in {time.perf_counter() - started:.1f} s", flush=True)
+            seconds, rate, rss = bench_import(url, work / "export")
+            print(f"import ({args.backend}): {args.files} files in {seconds:.1f} s = {rate:.0f} items/s, "
+                  f"peak RSS {rss / 1024:.0f} MB", flush=True)
+        if args.latency_files:
+            latencies = bench_latency(url, work / "watched", args.latency_files, offset=args.files + 1)
+            print(f"watcher latency ({args.backend}, rename -> C-FIND, {len(latencies)} files): "
+                  f"p50 {percentile(latencies, 50) * 1000:.1f} ms, p99 {percentile(latencies, 99) * 1000:.1f} ms, "
+                  f"max {max(latencies) * 1000:.1f} ms, mean {statistics.mean(latencies) * 1000:.1f} ms")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
