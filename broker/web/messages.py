@@ -22,6 +22,9 @@ from broker.mapping.charsets import UnknownCharset, message_charset
 from broker.web.auth import ReadAccess, WriteAccess
 from broker.web.intake_bridge import MESSAGES, archived_message, reload_mappings, submit
 from broker.web.steps import local_time
+from broker.worklist_files.reading import dump
+
+WORKLIST_FILE = "DICOM^WL"  # archive rows of worklist files (broker.worklist_files.intake.MESSAGE_TYPE)
 
 log = structlog.get_logger(__name__)
 router = APIRouter(prefix="/api/messages", tags=["messages"])
@@ -134,19 +137,26 @@ async def view(request: Request, message_id: int, _: ReadAccess) -> dict[str, An
     codec = _codec(row.charset)
     ack = [part.decode(codec, errors="replace").replace("\r", "\n").rstrip("\n")
            for part in (row.ack or b"").split(b"\x1c") if part]
-    return {**_summary(row), "charset": row.charset, "ack": ack,
-            "text": bytes(row.raw).decode(codec, errors="replace").replace("\r\n", "\n").replace("\r", "\n")
-            .rstrip("\n"), "replays": [_summary(r) for r in replays]}
+    if row.message_type.startswith(WORKLIST_FILE):  # a .wl file (broker.worklist_files): its DICOM dump
+        text = dump(bytes(row.raw)) if row.raw else ""
+    else:
+        text = bytes(row.raw).decode(codec, errors="replace").replace("\r\n", "\n").replace("\r", "\n").rstrip("\n")
+    return {**_summary(row), "charset": row.charset, "ack": ack, "text": text,
+            "replays": [_summary(r) for r in replays]}
 
 
 @router.post("/{message_id}/replay", response_model=Replayed,
              summary="Process an archived message again (after a mapping fix)",
-             responses={404: {"description": "no such message"}})
+             responses={404: {"description": "no such message"},
+                        409: {"description": "a worklist file: written into its folder again, not replayed"}})
 async def replay(request: Request, message_id: int, caller: WriteAccess) -> Replayed:
     state = request.app.state
     row = await asyncio.to_thread(archived_message, state.engine, message_id)
     if row is None:
         raise HTTPException(404, f"no message {message_id}")
+    if row.message_type.startswith(WORKLIST_FILE):
+        raise HTTPException(409, "a worklist file is not replayed here: write it into its folder again "
+                                 "(an unreadable one waits in the folder's .failed/)")
 
     def run() -> Replayed:
         with state.engine.connect() as db:

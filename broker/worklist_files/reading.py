@@ -102,3 +102,14 @@ def read_entry(data: bytes, relative_path: str) -> WorklistEntry:
                         filler_order_number="", filler_issuer="", order_control="NW", order_status="SC",
                         procedures=[procedure])
     return WorklistEntry(identity, patient, order)
+
+
+def dump(data: bytes) -> str:
+    """A stored file's bytes as readable text (pydicom's dump), for the archive's view of a file; a
+    file that is no DICOM is shown as the reason it was refused."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return str(dcmread(io.BytesIO(data), force=True))
+    except Exception as exc:  # whatever the bytes are, the view shows something
+        return f"(not a readable DICOM file: {type(exc).__name__}, {len(data)} bytes)"

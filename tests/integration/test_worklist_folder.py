@@ -28,13 +28,16 @@ from broker.reports import procedure_report
 from broker.store import migrate
 from broker.store.session import make_engine
 from broker.store.tables import AuditRecord, InboundMessage, ScheduledStep, StepTransition, WorklistFile, table_of
+from broker.worklist_files.importer import import_folder
 from broker.worklist_files.intake import FileIntake
 from broker.worklist_files.watcher import FolderWatcher
 from tests.dicom_support import wait_until
 from tests.integration.test_cli import broker_run, env_for, run_cli
+from tests.integration.test_web_api import AS_READER, AS_WRITER, make_client
 from tests.ports import free_port
 
-pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore:Invalid value for VR")]
+pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore:Invalid value for VR"),
+              pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")]
 
 STEPS = table_of(ScheduledStep)
 MESSAGES = table_of(InboundMessage)
@@ -315,3 +318,23 @@ def test_broker_run_watches_the_folders_of_its_settings(database_url: str, tmp_p
     finally:
         engine.dispose()
 
+
+
+def test_failed_files_are_listed_and_shown_with_the_failed_intakes(migrated: Engine, tmp_path: Path) -> None:
+    """GET /api/messages?status=error lists a refused file beside the refused HL7 messages; its view shows
+    the file as a DICOM dump; it is replayed by writing it into its folder again, not over HTTP (409)."""
+    folder = tmp_path / "worklists"
+    no_patient = Item("F9").dataset()
+    no_patient.PatientID = ""
+    write_wl(folder / "CT01" / "nopatient.wl", no_patient)
+    write_wl(folder / "CT01" / "good.wl", Item("F8").dataset())
+    summary = import_folder(FileIntake(migrated), folder)
+    assert summary.refused == [("CT01/nopatient.wl", "no Patient ID")]
+    with make_client(migrated) as client:
+        [failed] = client.get("/api/messages", params={"status": "error"}, headers=AS_READER).json()["items"]
+        assert (failed["message_type"], failed["peer"], failed["error"], failed["ack_code"]) == (
+            "DICOM^WL", "file CT01/nopatient.wl", "no Patient ID", "AE")
+        detail = client.get(f"/api/messages/{failed['id']}", headers=AS_READER).json()
+        assert "(0010,0020) Patient ID" in detail["text"] and "F9" in detail["text"]
+        replay = client.post(f"/api/messages/{failed['id']}/replay", headers=AS_WRITER)
+        assert replay.status_code == 409 and "folder" in replay.json()["detail"]
