@@ -37,7 +37,7 @@ if str(ROOT) not in sys.path:
 
 from pydicom import Dataset  # noqa: E402
 from pydicom.dataset import FileMetaDataset  # noqa: E402
-from pydicom.uid import ExplicitVRLittleEndian  # noqa: E402
+from pydicom.uid import UID, ExplicitVRLittleEndian  # noqa: E402
 from pynetdicom import AE  # noqa: E402
 from pynetdicom.sop_class import ModalityWorklistInformationFind  # type: ignore[attr-defined]  # noqa: E402
 
@@ -74,8 +74,8 @@ def wl_file(n: int) -> bytes:
     step.ScheduledProcedureStepID = f"S{n:09d}"
     ds.ScheduledProcedureStepSequence = [step]
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.31"
-    meta.MediaStorageSOPInstanceUID = f"{UID_PREFIX}9.{n}"
+    meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.31")
+    meta.MediaStorageSOPInstanceUID = UID(f"{UID_PREFIX}9.{n}")
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta = meta
     buffer = io.BytesIO()
