@@ -96,6 +96,16 @@ def _source(request: Request, caller: Caller) -> Source:
     return Source(caller.label, request.client.host if request.client else "", "http")
 
 
+async def _write(request: Request, caller: Caller,
+                 operation: Callable[[UpsService, str, str], Outcome]) -> Outcome:
+    """Run ``operation(writer, requestor AE, client host)`` on the app's write service in a worker thread,
+    with the token at the client's address as the audit requestor."""
+    _, writer = ups_services(request)
+    source = _source(request, caller)
+    ae = requestor_ae(caller.label)
+    return await asyncio.to_thread(_call, lambda: operation(writer, ae, source.host), source)
+
+
 def _call(work: Callable[[], Outcome], source: Source) -> Outcome:
     """Run a service call with ``source`` as its audit requestor (in the worker thread: its own context)."""
     token = _REQUESTOR.set(source)
@@ -191,10 +201,7 @@ async def create_workitem(request: Request, caller: WriteAccess) -> Response:
         return problem
     if uid in _RESERVED:
         return _refusal(request, 400, f"{uid} is a well-known UID of the global subscriptions")
-    _, writer = ups_services(request)
-    source = _source(request, caller)
-    ae = requestor_ae(caller.label)
-    outcome = await asyncio.to_thread(_call, lambda: writer.create(uid, dataset, ae, source.host), source)
+    outcome = await _write(request, caller, lambda writer, ae, host: writer.create(uid, dataset, ae, host))
     log.info("dicomweb.workitem_created" if outcome.ok else "dicomweb.workitem_refused", workitem=uid,
              token=caller.label, dimse_status=f"{outcome.status:04X}")
     location = _workitem_url(request, uid)
@@ -260,10 +267,7 @@ async def update_workitem(request: Request, workitem: WorkitemUID, caller: Write
         return _refusal(request, 400, "the payload's Transaction UID is not the one of the query")
     if given:
         dataset.TransactionUID = given
-    _, writer = ups_services(request)
-    source = _source(request, caller)
-    ae = requestor_ae(caller.label)
-    outcome = await asyncio.to_thread(_call, lambda: writer.set(workitem, dataset, ae, source.host), source)
+    outcome = await _write(request, caller, lambda writer, ae, host: writer.set(workitem, dataset, ae, host))
     log.info("dicomweb.workitem_updated" if outcome.ok else "dicomweb.workitem_refused", workitem=workitem,
              token=caller.label, dimse_status=f"{outcome.status:04X}")
     return _answer(request, Transaction.UPDATE, outcome, bool(given or in_payload),
@@ -283,11 +287,8 @@ async def change_workitem_state(request: Request, workitem: WorkitemUID, caller:
     dataset = await _payload(request)
     if isinstance(dataset, Response):
         return dataset
-    _, writer = ups_services(request)
-    source = _source(request, caller)
-    ae = requestor_ae(caller.label)
-    outcome = await asyncio.to_thread(
-        _call, lambda: writer.action(workitem, CHANGE_STATE, dataset, ae, source.host), source)
+    outcome = await _write(request, caller,
+                           lambda writer, ae, host: writer.action(workitem, CHANGE_STATE, dataset, ae, host))
     log.info("dicomweb.workitem_state", workitem=workitem, token=caller.label,
              state=str(dataset.get("ProcedureStepState", "")), dimse_status=f"{outcome.status:04X}")
     return _answer(request, Transaction.CHANGE_STATE, outcome, bool(dataset.get("TransactionUID")))
@@ -308,11 +309,8 @@ async def request_cancellation(request: Request, workitem: WorkitemUID, caller: 
     dataset = await _payload(request, optional=True)
     if isinstance(dataset, Response):
         return dataset
-    _, writer = ups_services(request)
-    source = _source(request, caller)
-    ae = requestor_ae(caller.label)
-    outcome = await asyncio.to_thread(
-        _call, lambda: writer.action(workitem, REQUEST_CANCEL_ACTION, dataset, ae, source.host), source)
+    outcome = await _write(request, caller,
+                           lambda writer, ae, host: writer.action(workitem, REQUEST_CANCEL_ACTION, dataset, ae, host))
     log.info("dicomweb.workitem_cancel_requested", workitem=workitem, token=caller.label,
              dimse_status=f"{outcome.status:04X}")
     return _answer(request, Transaction.REQUEST_CANCELLATION, outcome)
