@@ -157,6 +157,7 @@ class Settings(BaseSettings):
     retention_stale_step_grace_hours: float = Field(24, ge=0)
     retention_hl7_days: int = Field(30, ge=0)
     retention_outbox_days: int = Field(7, ge=0)
+    retention_channel_report_hours: float = Field(72, ge=0)
     retention_interval: float = Field(3600, gt=0)
     retention_batch_size: int = Field(1000, ge=1)
 

@@ -8,6 +8,11 @@
   order of a number that exists is refused as a duplicate key, a status change applied again).
 - Done outbox events older than ``retention_outbox_days`` (by ``done_at``); failed ones are kept for a
   person (``broker events failed``).
+- UPS event reports for a WebSocket subscriber (``ups.ws_event``) still waiting after
+  ``retention_channel_report_hours``: the subscriber's channel never opened to take them. They are marked
+  failed, not deleted (a DIMSE subscriber's reports end the same way after their retries), so
+  ``broker events failed`` shows them and ``retry`` queues them again; without this a subscription whose
+  client went away for good would grow the outbox for ever.
 - MPPS instances never linked to a step (unscheduled, kept for reconciliation) once final and unchanged
   for ``retention_procedure_days``, and instance availability and IAN rows that name no procedure.
 """
@@ -17,9 +22,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, Table, delete, exists, func, not_, select
+from sqlalchemy import Engine, Table, delete, exists, func, not_, select, update
 
-from broker.outbox.outbox import OUTBOX
+from broker.outbox.outbox import OUTBOX, UPS_WS_EVENT
 from broker.store.tables import (
     IanNotification,
     InboundMessage,
@@ -81,6 +86,27 @@ def purge_outbox(engine: Engine, before: datetime | None, batch_size: int, dry_r
     if before is None:
         return 0
     return _in_batches(engine, OUTBOX, [OUTBOX.c.status == "done", OUTBOX.c.done_at < before], batch_size, dry_run)
+
+
+def fail_channel_reports(engine: Engine, before: datetime | None, batch_size: int, dry_run: bool) -> int:
+    """Mark failed the WebSocket subscribers' reports created before ``before`` and still pending; returns
+    how many. Each row's error names the cut-off, so whoever looks knows why it stopped waiting."""
+    if before is None:
+        return 0
+    conditions = [OUTBOX.c.kind == UPS_WS_EVENT, OUTBOX.c.status == "pending", OUTBOX.c.created_at < before]
+    if dry_run:
+        with engine.connect() as db:
+            return int(db.execute(select(func.count()).select_from(OUTBOX).where(*conditions)).scalar_one())
+    error = f"no WebSocket channel took this report before {before:%Y-%m-%d %H:%M}"
+    failed = 0
+    while True:
+        with engine.begin() as db:
+            ids = list(db.execute(select(OUTBOX.c.id).where(*conditions).order_by(OUTBOX.c.id)
+                                  .limit(batch_size)).scalars())
+            if not ids:
+                return failed
+            failed += db.execute(update(OUTBOX).where(OUTBOX.c.id.in_(ids), OUTBOX.c.status == "pending")
+                                 .values(status="failed", last_error=error, lease_until=None)).rowcount or 0
 
 
 def purge_unlinked(engine: Engine, before: datetime | None, batch_size: int, dry_run: bool) -> int:

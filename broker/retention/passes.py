@@ -58,5 +58,7 @@ def apply_retention(settings: Settings, engine: Engine, now: datetime, dry_run: 
                                                              dry_run)
     report.hl7_messages_purged = archives.purge_messages(engine, policy.hl7_before, policy.batch_size, dry_run)
     report.outbox_events_purged = archives.purge_outbox(engine, policy.outbox_before, policy.batch_size, dry_run)
+    report.channel_reports_failed = archives.fail_channel_reports(engine, policy.channel_reports_before,
+                                                                  policy.batch_size, dry_run)
     log.info("retention.pass", dry_run=dry_run, timeline=policy.timeline, **report.counts())
     return report

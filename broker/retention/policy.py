@@ -25,6 +25,7 @@ class RetentionPolicy:
     stale_steps_before: datetime | None
     hl7_before: datetime | None
     outbox_before: datetime | None
+    channel_reports_before: datetime | None
     grace_hours: float
     timeline: Timeline
     export_dir: Path
@@ -41,6 +42,8 @@ class RetentionPolicy:
             stale_steps_before=now - timedelta(hours=grace) if grace > 0 else None,
             hl7_before=days_ago(settings.retention_hl7_days),
             outbox_before=days_ago(settings.retention_outbox_days),
+            channel_reports_before=(now - timedelta(hours=settings.retention_channel_report_hours)
+                                    if settings.retention_channel_report_hours > 0 else None),
             grace_hours=grace,
             timeline=settings.retention_timeline,
             export_dir=Path(settings.retention_export_dir),
@@ -66,6 +69,7 @@ class RetentionReport:
     unlinked_records_purged: int = 0
     hl7_messages_purged: int = 0
     outbox_events_purged: int = 0
+    channel_reports_failed: int = 0
     dry_run: bool = False
 
     def counts(self) -> dict[str, int]:

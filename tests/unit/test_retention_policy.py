@@ -21,15 +21,16 @@ def test_defaults_a_department_expects() -> None:
     assert policy.hl7_before == NOW - timedelta(days=30)
     assert policy.outbox_before == NOW - timedelta(days=7)
     assert policy.stale_steps_before == NOW - timedelta(hours=24)
+    assert policy.channel_reports_before == NOW - timedelta(hours=72)
     assert (policy.timeline, policy.export_dir, policy.batch_size) == ("export", Path("var/retention"), 1000)
 
 
 def test_zero_keeps_a_category_for_ever() -> None:
     policy = RetentionPolicy.from_settings(load_settings(
         retention_procedure_days=0, retention_hl7_days=0, retention_outbox_days=0,
-        retention_stale_step_grace_hours=0), NOW)
-    assert (policy.procedures_before, policy.hl7_before, policy.outbox_before, policy.stale_steps_before) == (
-        None, None, None, None)
+        retention_stale_step_grace_hours=0, retention_channel_report_hours=0), NOW)
+    assert (policy.procedures_before, policy.hl7_before, policy.outbox_before, policy.stale_steps_before,
+            policy.channel_reports_before) == (None, None, None, None, None)
 
 
 @pytest.mark.parametrize("setting", [{"retention_timeline": "archive"}, {"retention_hl7_days": -1},

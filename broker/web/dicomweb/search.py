@@ -58,6 +58,7 @@ _SEARCH_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "the matches, a DICOM JSON array", "content": {DICOM_JSON: {}}},
     204: {"description": "no match"},
     400: {"description": "a query parameter or key cannot be used: the Warning header and detail say why"},
+    401: {"description": "no known API token"}, 403: {"description": "the token's role is not enough"},
     406: {"description": "the Accept header allows no DICOM JSON"},
     503: {"description": "the database cannot be read now; retry"},
 }
@@ -81,14 +82,23 @@ class SearchRefused(Exception):
         self.reason = reason
 
 
+_PARAMETERS = (
+    "Query parameters (PS3.18 8.3.4): `{attribute}={value}` matches, the attribute by keyword or tag, inside a "
+    "sequence by a dotted path (`ScheduledProcedureStepSequence.Modality=CT`), the value as in C-FIND (`*` `?` "
+    "wildcards, `a-b` ranges, a comma-separated UID list); an empty value asks for the attribute back. "
+    "`includefield` (repeatable, comma-separated, or `all`), `limit` (1 or more), `offset`; `fuzzymatching`, "
+    "`emptyvaluematching`, `multiplevaluematching` are ignored with a Warning. At most "
+    f"{MAX_RESULTS} results per answer; a Warning says when more match.")
+
+
 @router.get("/mwlitems", summary="Search the Modality Worklist (QIDO-RS parameters; answers as C-FIND does)",
-            response_class=DicomJSONResponse, responses=_SEARCH_RESPONSES)
+            description=_PARAMETERS, response_class=DicomJSONResponse, responses=_SEARCH_RESPONSES)
 async def search_mwl_items(request: Request, caller: ReadAccess) -> Response:
     return await _search(request, caller.label, qido.MWL, _mwl_page)
 
 
 @router.get("/workitems", summary="UPS-RS Search Transaction (PS3.18 11.9)",
-            response_class=DicomJSONResponse, responses=_SEARCH_RESPONSES)
+            description=_PARAMETERS, response_class=DicomJSONResponse, responses=_SEARCH_RESPONSES)
 async def search_workitems(request: Request, caller: ReadAccess) -> Response:
     return await _search(request, caller.label, qido.UPS, _ups_page)
 
