@@ -29,17 +29,11 @@ this one machine), the SCU's N-ACTION response times, the broker's CPU seconds. 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import socket
 import struct
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -50,37 +44,31 @@ if str(ROOT) not in sys.path:
 from bench.hl7_throughput import (  # noqa: E402
     broker_command,
     free_port,
-    fresh_database,
     latency_summary,
-    machine_facts,
     migrate,
     named_cpu_seconds,
     tree_cpu_seconds,
 )
 from bench.mpps_pipeline import place_orders, spawn, start_redis, stop, wait_for_port  # noqa: E402
+from bench.ups_changes import (  # noqa: E402
+    GLOBAL_SUBSCRIPTION,
+    UPS_PUSH,
+    Receipts,
+    Scu,
+    action,
+    change_workitems,
+    cpu_delta,
+    delivery_figures,
+    options,
+    run_and_report,
+    wait_for_reports,
+)
 
-UPS_PUSH = "1.2.840.10008.5.1.4.34.6.1"
 UPS_EVENT = "1.2.840.10008.5.1.4.34.6.4"
-GLOBAL_SUBSCRIPTION = "1.2.840.10008.5.1.4.34.5"
-DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 
 
 # --------------------------------------------------------------------------------------------------
 # the receivers: the broker's own acceptor, one handler
-
-
-@dataclass
-class Receipts:
-    """(workitem UID, state) -> arrival times, over all receivers."""
-
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    times: dict[tuple[str, str], list[float]] = field(default_factory=dict)
-    count: int = 0
-
-    def add(self, uid: str, state: str, at: float) -> None:
-        with self.lock:
-            self.times.setdefault((uid, state), []).append(at)
-            self.count += 1
 
 
 class Receiver:
@@ -229,66 +217,7 @@ def _procedure_step_state(data: bytes) -> str:
     return data[start:start + length].rstrip(b"\x00 ").decode("ascii")
 
 
-# --------------------------------------------------------------------------------------------------
-# the SCU
-
-
-def _scu(port: int) -> Any:
-    from pynetdicom import AE
-    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
-        UnifiedProcedureStepPull,
-        UnifiedProcedureStepPush,
-        UnifiedProcedureStepWatch,
-    )
-
-    ae = AE(ae_title="BENCHSCU")
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
-    for context in (UnifiedProcedureStepPush, UnifiedProcedureStepPull, UnifiedProcedureStepWatch):
-        ae.add_requested_context(context)
-    assoc = ae.associate("127.0.0.1", port, ae_title="BROKER")
-    if not assoc.is_established:
-        raise RuntimeError("no association with the broker")
-    return assoc
-
-
-def _action(assoc: Any, uid: str, action_type: int, **attributes: str) -> int:
-    from pydicom import Dataset
-
-    info = Dataset()
-    for keyword, value in attributes.items():
-        setattr(info, keyword, value)
-    status, _ = assoc.send_n_action(info, action_type, UPS_PUSH, uid)
-    if not status:
-        raise RuntimeError("no N-ACTION response")
-    return int(status.Status)
-
-
-def _final(transaction_uid: str) -> Any:
-    from pydicom import Dataset
-
-    ds = Dataset()
-    ds.TransactionUID = transaction_uid
-    performed = Dataset()
-    performed.PerformedProcedureStepStartDateTime = "20261201100000"
-    performed.PerformedProcedureStepEndDateTime = "20261201101000"
-    ds.UnifiedProcedureStepPerformedProcedureSequence = [performed]
-    return ds
-
-
-def paced(count: int, rate: float) -> Iterator[int]:
-    """0..count-1, at ``rate`` per second (0 = no pacing)."""
-    started = time.monotonic()
-    for i in range(count):
-        if rate > 0:
-            delay = started + i / rate - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-        yield i
-
-
 def run(args: argparse.Namespace, database_url: str, workdir: Path) -> dict[str, Any]:
-    from pydicom.uid import generate_uid
-
     from broker.domain.ups_identity import derived_ups_uid
 
     receipts = Receipts()
@@ -314,10 +243,11 @@ def run(args: argparse.Namespace, database_url: str, workdir: Path) -> dict[str,
     try:
         wait_for_port(broker, dicom_port)
         wait_for_port(broker, hl7_port)
-        assoc = _scu(dicom_port)
+        scu = Scu(dicom_port)
         try:
             for receiver in receivers:
-                status = _action(assoc, GLOBAL_SUBSCRIPTION, 3, ReceivingAE=receiver.ae_title, DeletionLock="FALSE")
+                status = action(scu.assoc, GLOBAL_SUBSCRIPTION, 3, ReceivingAE=receiver.ae_title,
+                                DeletionLock="FALSE")
                 if status != 0:
                     raise RuntimeError(f"subscribe {receiver.ae_title}: status {status:#06x}")
             steps, _ = place_orders(hl7_port, args.changes // 2, database_url)
@@ -326,109 +256,43 @@ def run(args: argparse.Namespace, database_url: str, workdir: Path) -> dict[str,
             bench_cpu_before = time.process_time()  # the receivers and the SCU (this process)
             postgres_cpu_before = named_cpu_seconds("postgres")
             worker_cpu_before = tree_cpu_seconds(worker.pid) if worker is not None else None
-            sent: dict[tuple[str, str], float] = {}
-            action_times: list[float] = []
-            failures = 0
-            started = time.time()
-            retried = 0
-            for i in paced(len(uids) * 2, args.rate):
-                uid = uids[i // 2]
-                txn = str(generate_uid(entropy_srcs=[uid, "bench"]))
-                state = "IN PROGRESS" if i % 2 == 0 else "COMPLETED"
-                for attempt in range(2):
-                    # pynetdicom as SCU sometimes misses a fast response (it queues it as an unexpected
-                    # request, then waits): associate again and repeat, accepting "already done".
-                    try:
-                        if state == "COMPLETED":
-                            status, _ = assoc.send_n_set(_final(txn), UPS_PUSH, uid)
-                            if not status or status.Status != 0:
-                                raise RuntimeError("no N-SET response")
-                        sent.setdefault((uid, state), time.time())
-                        t0 = time.perf_counter()
-                        status_code = _action(assoc, uid, 1, ProcedureStepState=state, TransactionUID=txn)
-                        action_times.append(time.perf_counter() - t0)
-                        ok = status_code == 0 or (attempt and status_code in (0xC302, 0xB306))
-                        failures += int(not ok)
-                        break
-                    except RuntimeError:
-                        retried += 1
-                        with contextlib.suppress(Exception):
-                            assoc.abort()
-                        assoc = _scu(dicom_port)
-                else:
-                    failures += 1
-            changes_done = time.time()
-            expected = len(sent) * len(receivers)
-            deadline = time.monotonic() + args.drain_timeout
-            while receipts.count < expected and time.monotonic() < deadline:
-                time.sleep(0.05)
+            changes = change_workitems(scu, uids, args.rate)
+            expected = wait_for_reports(receipts, changes, len(receivers), args.drain_timeout)
             cpu_after = tree_cpu_seconds(broker.pid)
             bench_cpu = time.process_time() - bench_cpu_before
             postgres_cpu = named_cpu_seconds("postgres") - postgres_cpu_before
             worker_cpu_after = tree_cpu_seconds(worker.pid) if worker is not None else None
         finally:
-            assoc.release()
+            scu.release()
     finally:
         how = stop(broker)
         for helper in reversed(helpers):
             stop(helper)
         for receiver in receivers:
             receiver.stop()
-    latencies = [at - sent[key] for key, ats in receipts.times.items() if key in sent for at in ats]
-    last = max((at for ats in receipts.times.values() for at in ats), default=started)
     return {
-        "subscribers": len(receivers), "changes": len(sent), "change_failures": failures,
-        "scu_reassociations": retried,
-        "deliveries_expected": expected, "deliveries": len(latencies),
-        "changes_seconds": round(changes_done - started, 2),
-        "changes_per_s": round(len(sent) / (changes_done - started), 1),
-        "delivery_seconds": round(last - started, 2),
-        "deliveries_per_s": round(len(latencies) / (last - started), 1) if last > started else None,
-        "latency": {k: round(v, 1) for k, v in latency_summary(latencies).items()},
-        "n_action": {k: round(v, 1) for k, v in latency_summary(action_times).items()},
-        "broker_cpu_s": round(cpu_after - cpu_before, 1) if cpu_before is not None and cpu_after is not None else None,
+        **delivery_figures(receipts, changes, len(receivers), expected),
+        "n_action": {k: round(v, 1) for k, v in latency_summary(changes.action_times).items()},
+        "broker_cpu_s": cpu_delta(cpu_before, cpu_after),
         "receivers_and_scu_cpu_s": round(bench_cpu, 1),
         "postgres_cpu_s": round(postgres_cpu, 1) if database_url.startswith("postgresql") else None,
-        "worker_cpu_s": (round(worker_cpu_after - worker_cpu_before, 1)
-                         if worker_cpu_before is not None and worker_cpu_after is not None else None),
+        "worker_cpu_s": cpu_delta(worker_cpu_before, worker_cpu_after),
         "queue": f"redis, one broker worker --concurrency {args.worker_concurrency}" if args.redis else "embedded",
         "broker_stopped_by": how,
     }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--subscribers", type=int, default=100)
-    parser.add_argument("--changes", type=int, default=1000)
-    parser.add_argument("--rate", type=float, default=0, help="state changes per second (0 = unpaced)")
-    parser.add_argument("--backend", choices=("sqlite", "postgresql"), default="sqlite")
-    parser.add_argument("--pg-url", default=DEFAULT_PG_URL)
-    parser.add_argument("--drain-timeout", type=float, default=600)
-    parser.add_argument("--quick", action="store_true", help="10 subscribers x 100 changes")
+    parser = options(__doc__.split("\n\n")[0])
     parser.add_argument("--redis", action="store_true",
                         help="deliver through Celery: a dedicated redis-server and one 'broker worker' "
                              "(default: the embedded queue of 'broker run')")
     parser.add_argument("--worker-concurrency", type=int, default=4, help="with --redis: Celery pool processes")
-    parser.add_argument("--keep", type=Path, help="keep the database and the broker's log in this directory")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.subscribers, args.changes = 10, 100
     from broker.logs import configure
 
     configure("console", "WARNING")  # the receivers run the broker's acceptor code in this process
-    with tempfile.TemporaryDirectory(prefix="ups-bench-") as tmp:
-        workdir = args.keep or Path(tmp)
-        workdir.mkdir(parents=True, exist_ok=True)
-        with fresh_database(args.backend, args.pg_url, workdir) as database_url:
-            result = run(args, database_url, workdir)
-    report = {"bench": "ups_events", "at": datetime.now(UTC).isoformat(timespec="seconds"),
-              "backend": args.backend, "rate": args.rate, **result, "machine": machine_facts()}
-    print(json.dumps(report, indent=2))
-    latency = report["latency"]["p99_ms"]
-    print(f"\n{report['deliveries']}/{report['deliveries_expected']} deliveries, "
-          f"{report['deliveries_per_s']}/s; change -> event p99 {latency:.0f} ms "
-          f"({'meets' if latency < 1000 else 'misses'} the 1 s target)")
-    return 0 if report["deliveries"] == report["deliveries_expected"] and not report["change_failures"] else 1
+    return run_and_report("ups_events", args, run, "event")
 
 
 if __name__ == "__main__":

@@ -25,13 +25,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import sys
-import tempfile
 import threading
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -42,23 +39,21 @@ if str(ROOT) not in sys.path:
 from bench.hl7_throughput import (  # noqa: E402
     broker_command,
     free_port,
-    fresh_database,
-    latency_summary,
-    machine_facts,
     migrate,
     named_cpu_seconds,
     tree_cpu_seconds,
 )
 from bench.mpps_pipeline import place_orders, spawn, stop, wait_for_port  # noqa: E402
-from bench.ups_events import (  # noqa: E402
-    DEFAULT_PG_URL,
+from bench.ups_changes import (  # noqa: E402
     GLOBAL_SUBSCRIPTION,
-    UPS_PUSH,
     Receipts,
-    _action,
-    _final,
-    _scu,
-    paced,
+    Scu,
+    change_workitems,
+    cpu_delta,
+    delivery_figures,
+    options,
+    run_and_report,
+    wait_for_reports,
 )
 
 TOKEN = "bench-read-token-0123456789"
@@ -117,7 +112,6 @@ class Channels:
 
 def run(args: argparse.Namespace, database_url: str, workdir: Path) -> dict[str, Any]:
     import httpx
-    from pydicom.uid import generate_uid
 
     from broker.domain.ups_identity import derived_ups_uid
 
@@ -143,97 +137,31 @@ def run(args: argparse.Namespace, database_url: str, workdir: Path) -> dict[str,
                 if answer.status_code != 201:
                     raise RuntimeError(f"subscribe {name}: {answer.status_code} {answer.text}")
         channels.start()
-        assoc = _scu(dicom_port)
+        scu = Scu(dicom_port)
         try:
             steps, _ = place_orders(hl7_port, args.changes // 2, database_url)
             uids = [derived_ups_uid(s.study_uid, s.sps_id) for s in steps]
             cpu_before = tree_cpu_seconds(broker.pid)
             postgres_cpu_before = named_cpu_seconds("postgres")
-            sent: dict[tuple[str, str], float] = {}
-            failures = retried = 0
-            started = time.time()
-            for i in paced(len(uids) * 2, args.rate):
-                uid = uids[i // 2]
-                txn = str(generate_uid(entropy_srcs=[uid, "bench"]))
-                state = "IN PROGRESS" if i % 2 == 0 else "COMPLETED"
-                for attempt in range(2):
-                    # pynetdicom as SCU sometimes misses a fast response (as in bench/ups_events.py):
-                    # associate again and repeat, accepting "already done".
-                    try:
-                        if state == "COMPLETED":
-                            status, _ = assoc.send_n_set(_final(txn), UPS_PUSH, uid)
-                            if not status or status.Status != 0:
-                                raise RuntimeError("no N-SET response")
-                        sent.setdefault((uid, state), time.time())
-                        code = _action(assoc, uid, 1, ProcedureStepState=state, TransactionUID=txn)
-                        failures += int(not (code == 0 or (attempt and code in (0xC302, 0xB306))))
-                        break
-                    except RuntimeError:
-                        retried += 1
-                        with contextlib.suppress(Exception):
-                            assoc.abort()
-                        assoc = _scu(dicom_port)
-                else:
-                    failures += 1
-            changes_done = time.time()
-            expected = len(sent) * len(names)
-
-            def delivered() -> int:
-                with receipts.lock:
-                    return sum(len(ats) for key, ats in receipts.times.items() if key in sent)
-
-            deadline = time.monotonic() + args.drain_timeout
-            while delivered() < expected and time.monotonic() < deadline:
-                time.sleep(0.05)
+            changes = change_workitems(scu, uids, args.rate)
+            expected = wait_for_reports(receipts, changes, len(names), args.drain_timeout)
             cpu_after = tree_cpu_seconds(broker.pid)
             postgres_cpu = named_cpu_seconds("postgres") - postgres_cpu_before
         finally:
-            assoc.release()
+            scu.release()
     finally:
         channels.stop()
         how = stop(broker)
-    latencies = [at - sent[key] for key, ats in receipts.times.items() if key in sent for at in ats]
-    last = max((at for key, ats in receipts.times.items() if key in sent for at in ats), default=started)
     return {
-        "subscribers": len(names), "changes": len(sent), "change_failures": failures, "scu_reassociations": retried,
-        "deliveries_expected": expected, "deliveries": len(latencies),
-        "changes_seconds": round(changes_done - started, 2),
-        "changes_per_s": round(len(sent) / (changes_done - started), 1),
-        "delivery_seconds": round(last - started, 2),
-        "deliveries_per_s": round(len(latencies) / (last - started), 1) if last > started else None,
-        "latency": {k: round(v, 1) for k, v in latency_summary(latencies).items()},
-        "broker_cpu_s": round(cpu_after - cpu_before, 1) if cpu_before is not None and cpu_after is not None else None,
+        **delivery_figures(receipts, changes, len(names), expected),
+        "broker_cpu_s": cpu_delta(cpu_before, cpu_after),
         "postgres_cpu_s": round(postgres_cpu, 1) if database_url.startswith("postgresql") else None,
         "broker_stopped_by": how,
     }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--subscribers", type=int, default=100)
-    parser.add_argument("--changes", type=int, default=1000)
-    parser.add_argument("--rate", type=float, default=0, help="state changes per second (0 = unpaced)")
-    parser.add_argument("--backend", choices=("sqlite", "postgresql"), default="sqlite")
-    parser.add_argument("--pg-url", default=DEFAULT_PG_URL)
-    parser.add_argument("--drain-timeout", type=float, default=600)
-    parser.add_argument("--quick", action="store_true", help="10 subscribers x 100 changes")
-    parser.add_argument("--keep", type=Path, help="keep the database and the broker's log in this directory")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.subscribers, args.changes = 10, 100
-    with tempfile.TemporaryDirectory(prefix="ups-rs-bench-") as tmp:
-        workdir = args.keep or Path(tmp)
-        workdir.mkdir(parents=True, exist_ok=True)
-        with fresh_database(args.backend, args.pg_url, workdir) as database_url:
-            result = run(args, database_url, workdir)
-    report = {"bench": "ups_rs_events", "at": datetime.now(UTC).isoformat(timespec="seconds"),
-              "backend": args.backend, "rate": args.rate, **result, "machine": machine_facts()}
-    print(json.dumps(report, indent=2))
-    latency = report["latency"]["p99_ms"]
-    print(f"\n{report['deliveries']}/{report['deliveries_expected']} deliveries, "
-          f"{report['deliveries_per_s']}/s; change -> report p99 {latency:.0f} ms "
-          f"({'meets' if latency < 1000 else 'misses'} the 1 s target)")
-    return 0 if report["deliveries"] == report["deliveries_expected"] and not report["change_failures"] else 1
+    return run_and_report("ups_rs_events", options(__doc__.split("\n\n")[0]).parse_args(argv), run, "report")
 
 
 if __name__ == "__main__":
