@@ -24,7 +24,7 @@ import orjson
 import structlog
 from pydicom import Dataset
 from pydicom.uid import generate_uid
-from sqlalchemy import Connection, Engine, Row, and_, delete, insert, select, update
+from sqlalchemy import Connection, Engine, Row, Select, and_, delete, insert, select, update
 
 from broker.dicom_json import JsonDataset, element, tag_of, value
 from broker.domain import ups_matching as matching
@@ -52,6 +52,7 @@ from broker.domain.ups_states import (
 )
 from broker.outbox.outbox import OUTBOX
 from broker.store.tables import ScheduledStep, UpsSubscription, UpsWorkitem, table_of
+from broker.ups import prefilter
 from broker.workflow.attributes import items, missing, tag, text, to_json
 from broker.workflow.context import TransactionalService, WorkflowConfig
 from broker.workflow.outcome import (
@@ -85,9 +86,6 @@ ASSIGNMENT_KEYS = ("ScheduledStationNameCodeSequence", "ScheduledHumanPerformers
 # N-SET may not change these (the identity of the workitem and its state).
 NOT_SETTABLE = ("SOPInstanceUID", "SOPClassUID", "ProcedureStepState")
 _PAGE = 500
-_STATE_STEP_STATUSES: dict[str, list[str]] = {}
-for _status in StepStatus:
-    _STATE_STEP_STATUSES.setdefault(str(ups_state(_status)), []).append(str(_status))
 
 
 def ups_status(status: int, comment: str = "", offending: tuple[int, ...] = ()) -> Outcome:
@@ -147,25 +145,48 @@ class UpsService(TransactionalService):
 
     def find(self, identifier: Dataset) -> Iterator[Dataset]:
         """C-FIND: the workitems matching ``identifier`` with its return keys (raises
-        :class:`~broker.domain.ups_matching.UnsupportedKey` for a key that cannot be used). The indexed keys
-        narrow the SQL; every key is then matched on the UPS view."""
+        :class:`~broker.domain.ups_matching.UnsupportedKey` for a key that cannot be used), in step order.
+
+        The keys with an indexed column narrow the SQL (:mod:`broker.ups.prefilter`, a superset of the
+        matches); every key is then matched on the UPS view. A narrowed query reads the candidate ids
+        first, then their rows a page at a time: paging the narrowed query itself by id made the planners
+        walk the primary key instead of the start / station index."""
         query: JsonDataset = identifier.to_json_dict(bulk_data_threshold=1 << 30)
         query.pop(tag_of("TransactionUID"), None)
-        conditions = _prefilter(query)
-        after = 0
-        while True:
-            statement = select(STEPS.c.id, STEPS.c.ups_instance_uid, STEPS.c.item, STEPS.c.sps_status,
-                               WORKITEMS.c.attributes.label("ups_attributes")) \
-                .select_from(STEPS.outerjoin(WORKITEMS, WORKITEMS.c.step_fk == STEPS.c.id)) \
-                .where(STEPS.c.id > after, STEPS.c.ups_instance_uid.is_not(None), *conditions) \
-                .order_by(STEPS.c.id).limit(_PAGE)
+        columns = (STEPS.c.id, STEPS.c.ups_instance_uid, STEPS.c.item, STEPS.c.sps_status,
+                   WORKITEMS.c.attributes.label("ups_attributes"))
+        joined = STEPS.outerjoin(WORKITEMS, WORKITEMS.c.step_fk == STEPS.c.id)
+        dialect = self.engine.dialect.name
+        pre = prefilter.build(query)
+        if pre.narrows:
             with self.engine.connect() as db:
-                rows = db.execute(statement).all()
+                ids = list(db.execute(prefilter.candidate_ids(pre, dialect)).scalars())
+            pages: Iterator[list[Row[Any]]] = self._pages_of(
+                select(*columns).select_from(joined), ids)
+        else:
+            pages = self._pages_after(select(*columns).select_from(joined)
+                                      .where(STEPS.c.ups_instance_uid.is_not(None)))
+        for rows in pages:
             for row in rows:
                 item = row.item if isinstance(row.item, dict) else orjson.loads(row.item)
                 ups = view.workitem(row.ups_instance_uid, item, row.sps_status, row.ups_attributes)
                 if matching.dataset_matches(query, ups):
                     yield Dataset.from_json(matching.selected(query, ups))
+
+    def _pages_of(self, statement: Select[Any], ids: list[int]) -> Iterator[list[Row[Any]]]:
+        """The rows of ``ids`` (ascending), a page per read."""
+        for start in range(0, len(ids), _PAGE):
+            chunk = ids[start:start + _PAGE]
+            with self.engine.connect() as db:
+                yield list(db.execute(statement.where(STEPS.c.id.in_(chunk)).order_by(STEPS.c.id)).all())
+
+    def _pages_after(self, statement: Select[Any]) -> Iterator[list[Row[Any]]]:
+        """Every row of ``statement`` in id order, a page per read (keyset on id)."""
+        after = 0
+        while True:
+            with self.engine.connect() as db:
+                rows = list(db.execute(statement.where(STEPS.c.id > after).order_by(STEPS.c.id).limit(_PAGE)).all())
+            yield rows
             if len(rows) < _PAGE:
                 return
             after = rows[-1].id
@@ -586,25 +607,6 @@ def _record_cancellation(attributes: JsonDataset, now: datetime, reason: str, re
     if reason:
         progress[tag_of("ReasonForCancellation")] = element("ReasonForCancellation", reason)
     attributes[key] = {"vr": "SQ", "Value": [dict(sorted(progress.items()))]}
-
-
-def _prefilter(query: JsonDataset) -> list[Any]:
-    """SQL conditions on the indexed step columns for the keys that have one (the rest is matched on
-    the UPS view)."""
-    conditions: list[Any] = []
-    uids = matching.uid_list(query, "SOPInstanceUID")
-    if uids:
-        conditions.append(STEPS.c.ups_instance_uid.in_(uids))
-    study = matching.uid_list(query, "StudyInstanceUID")
-    if study:
-        conditions.append(STEPS.c.study_instance_uid.in_(study))
-    patient_id = matching.single_text(query, "PatientID")
-    if patient_id is not None:
-        conditions.append(STEPS.c.patient_id == patient_id)
-    state = matching.single_text(query, "ProcedureStepState")
-    if state is not None:
-        conditions.append(STEPS.c.sps_status.in_(_STATE_STEP_STATUSES.get(state, [])))
-    return conditions
 
 
 def _vr(json_tag: str) -> str:
