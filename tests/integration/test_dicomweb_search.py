@@ -14,8 +14,6 @@ one database (SQLite and PostgreSQL), loaded with the orders of the worklist SCP
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,8 +33,7 @@ from requests import HTTPError
 from sqlalchemy import Engine, select
 
 from broker.audit.events import QUERY
-from broker.config import Settings, load_settings
-from broker.dicom.server import DicomServer
+from broker.config import load_settings
 from broker.dicom.workflow import build_workflow
 from broker.intake.service import Intake
 from broker.mapping.rules import MappingSet
@@ -45,11 +42,12 @@ from broker.store.session import make_engine
 from broker.store.tables import AuditRecord, AuditRecordPatient, table_of
 from broker.web.dicomweb.qido import UPS, parse_search
 from broker.web.dicomweb.search import MORE_RESULTS
-from broker.web.server import WebServer
 from tests.conftest import module_database
+from tests.dicom_support import dicom_server
 from tests.integration.test_mwl_scp import ORDERS, RULES, Rule
 from tests.mwl_support import place
 from tests.ports import free_port
+from tests.web_support import web_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180),
               pytest.mark.filterwarnings("ignore:Invalid value for VR")]
@@ -68,48 +66,21 @@ class Broker:
     base: str  # http://127.0.0.1:<port>/dicomweb
 
 
-class _ServerThread:
-    """The broker's WebServer on an event loop of its own thread (as ``broker run`` runs it)."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="web", daemon=True)
-        self.thread.start()
-        self.server = WebServer(settings, own_audit=True)
-        asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(20)
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(30)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
-
-
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def broker(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
            mappings: MappingSet) -> Iterator[Broker]:
     urls = module_database(request.param, tmp_path_factory, "dicomweb-search")
     url = next(urls)
     engine = make_engine(url)
-    reader = make_engine(url, for_reading=True)
-    web: _ServerThread | None = None
-    dicom: DicomServer | None = None
     try:
         migrate.upgrade(engine)
         place(Intake(engine, mappings), *ORDERS)
         settings = load_settings(database_url=url, redis_url="", dicom_host="127.0.0.1", dicom_port=free_port(),
                                  http_host="127.0.0.1", http_port=free_port(), api_tokens=f"{READ}:read",
                                  audit_enabled=True, audit_flush_interval=0.05)
-        dicom = DicomServer(settings, reader, workflow=build_workflow(settings, engine))
-        dicom.start()
-        web = _ServerThread(settings)
-        yield Broker(engine, dicom.port, f"http://127.0.0.1:{web.server.port}/dicomweb")
+        with dicom_server(settings, url, build_workflow(settings, engine)) as dicom, web_server(settings) as web:
+            yield Broker(engine, dicom.port, f"http://127.0.0.1:{web.server.port}/dicomweb")
     finally:
-        if web is not None:
-            web.stop()
-        if dicom is not None:
-            dicom.stop()
-        reader.dispose()
         engine.dispose()
         next(urls, None)
 

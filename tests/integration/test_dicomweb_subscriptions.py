@@ -14,7 +14,6 @@ report; and one channel per AE across two nodes on one PostgreSQL database.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import threading
 import time
@@ -42,7 +41,6 @@ from broker.events.wiring import EventPath
 from broker.outbox import consumer
 from broker.store.tables import AuditRecord, OutboxEvent, UpsSubscription, table_of
 from broker.web.dicomweb.channel import TAKEN_OVER, lease_name
-from broker.web.server import WebServer
 from tests.dicom_support import dicom_server, free_port, wait_until
 from tests.events_support import rows
 from tests.integration.test_ups_events import Subscriber
@@ -59,6 +57,7 @@ from tests.integration.test_ups_scp import (
     ups_scu,
     workitem,
 )
+from tests.web_support import WebServerThread, web_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -69,23 +68,6 @@ AS_READER = {"Authorization": f"Bearer {READ}"}
 AS_WRITER = {"Authorization": f"Bearer {WRITE}"}
 DICOM_JSON = "application/dicom+json"
 STATE, EVENT_TYPE, AFFECTED = "00741000", "00001002", "00001000"
-
-
-class _ServerThread:
-    """The broker's WebServer on an event loop of its own thread (as ``broker run`` runs it)."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="web", daemon=True)
-        self.thread.start()
-        self.server = WebServer(settings, own_audit=True)
-        asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(20)
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(30)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
 
 
 @dataclass
@@ -123,15 +105,11 @@ def broker(engine: Engine, database_url: str) -> Iterator[Broker]:
     watcher = Subscriber("WATCHER").start()
     settings = broker_settings(database_url, f"{watcher.peer()},PERFORMER@127.0.0.1:9")
     path = EventPath.start(settings, engine)
-    web: _ServerThread | None = None
     try:
-        with dicom_server(settings, database_url, path.workflow) as dicom:
-            web = _ServerThread(settings)
-            with httpx.Client(base_url=f"http://127.0.0.1:{web.server.port}", timeout=20) as http:
-                yield Broker(engine, settings, dicom.port, http, web.server.port, watcher)
+        with dicom_server(settings, database_url, path.workflow) as dicom, web_server(settings) as web, \
+                httpx.Client(base_url=f"http://127.0.0.1:{web.server.port}", timeout=20) as http:
+            yield Broker(engine, settings, dicom.port, http, web.server.port, watcher)
     finally:
-        if web is not None:
-            web.stop()
         path.stop()
         watcher.stop()
 
@@ -405,7 +383,7 @@ def test_one_channel_per_ae_across_two_nodes_and_a_clean_close_at_shutdown(broke
                                                                            database_url: str) -> None:
     uid = str(generate_uid())
     assert create(scu, workitem(), uid) == 0
-    node_b = _ServerThread(broker_settings(database_url, "", node_id="node-b"))
+    node_b = WebServerThread(broker_settings(database_url, "", node_id="node-b"))
     try:
         with broker.channel("WSSUB") as on_a:
             assert broker.subscribe(uid, "WSSUB").status_code == 201
