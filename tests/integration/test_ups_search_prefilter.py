@@ -14,6 +14,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 import orjson
@@ -21,7 +22,7 @@ import pytest
 from conftest import module_database  # tests/ is on sys.path (rootdir conftest, no package)
 from pydicom import Dataset
 from pydicom.uid import generate_uid
-from sqlalchemy import Engine, select
+from sqlalchemy import Connection, Engine, select
 
 from broker.dicom_json import JsonDataset, element, tag_of
 from broker.domain import ups_matching, ups_view
@@ -32,6 +33,7 @@ from broker.store.session import make_engine
 from broker.store.tables import ScheduledStep, UpsWorkitem, table_of
 from broker.ups import prefilter
 from broker.ups.service import UpsService
+from broker.workflow.outcome import Outcome
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300),
               # the unreadable start date on purpose: pydicom warns when the answer carries it
@@ -119,7 +121,7 @@ def steps(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         rng = random.Random(20261205)
         for number in range(300):
             patient, order = _step_item(rng, number)
-            service.in_transaction(lambda db, p=patient, o=order: _place(db, p, o), "test.place")
+            service.in_transaction(partial(_place, patient=patient, order=order), "test.place")
         for number in range(30):
             _create(service, number, rng.choice(["CT01", "CT", "XR9"]),
                     rng.choice(["20261205000000", "20261205", "20261204235959", "20261205093000.5", "20261206"]))
@@ -140,9 +142,8 @@ def steps(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
             pass
 
 
-def _place(db: Any, patient: PatientRecord, order: OrderRecord) -> Any:
-    from broker.workflow.outcome import Outcome
-
+def _place(db: Connection, patient: PatientRecord, order: OrderRecord) -> Outcome:
+    """An order placed as the HL7 intake places it (no UPS activity: no ups_workitems row)."""
     WorklistService(db, lambda: NOW).place_order(patient, order, "RIS", Cause("test order"))
     return Outcome(0)
 
