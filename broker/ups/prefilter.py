@@ -130,8 +130,10 @@ def candidate_ids(pre: Prefilter, dialect_name: str) -> Select[Any]:
                for choice in product(*(o.alternatives for o in split))]
     attributes = WORKITEMS.c.attributes
     overridden = [or_(*o.alternatives, _has_key(attributes, o.json_tag, dialect_name)) for o in pre.overridable]
-    selects.append(select(STEPS.c.id).select_from(WORKITEMS.join(STEPS, STEPS.c.id == WORKITEMS.c.step_fk))
-                   .where(*base, *overridden))
+    # Driven by ups_workitems (the EXISTS keeps that order on SQLite, whose planner scanned every step and
+    # probed ups_workitems when that table had no statistics yet): one primary-key probe per workitem.
+    on_step = select(STEPS.c.id).where(STEPS.c.id == WORKITEMS.c.step_fk, *base, *overridden)
+    selects.append(select(WORKITEMS.c.step_fk.label("id")).where(on_step.exists()))
     ids = union(*selects).subquery()
     return select(ids.c.id).order_by(ids.c.id)
 
