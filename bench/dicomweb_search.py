@@ -20,9 +20,10 @@ UID, as the domain service gives it), then ``broker run`` serves it on free port
   responses counted, not decoded: the broker's side of a C-FIND without a slow client.
 
 Queries: MWL *typical* (station + today + modality, ~20 matches) and *broad* (a week of one modality,
-~200 matches), as ``bench/mwl_query.py``; UPS *patient* (one Patient ID: the indexed pre-filter) and UPS
-*station-today* (Worklist Label + today's start range: no indexed column, every workitem is matched in
-Python on both paths; fewer repetitions, ``--slow-queries``). The HTTP searches ask for all matches
+~200 matches), as ``bench/mwl_query.py``; UPS *patient* (one Patient ID) and UPS *station-today*
+(Worklist Label + today's start range), both narrowed in SQL by ``broker.ups.prefilter`` (station-today
+on ``ix_steps_station_start``; before it, every workitem was matched in Python: 17-64 s a query at 100k,
+so it once had fewer repetitions). The HTTP searches ask for all matches
 (``limit`` = the server maximum), so both paths return the same items.
 
 Reported per query and path: p50 / p90 / max latency (ms), matches, the broker's CPU per query (user +
@@ -81,7 +82,6 @@ class Query:
     resource: str  # "mwlitems" or "workitems"
     params: list[tuple[str, str]]
     identifier: Any  # pydicom Dataset
-    slow: bool = False
 
 
 def build_queries(today: date, patient_id: str) -> list[Query]:
@@ -95,11 +95,11 @@ def build_queries(today: date, patient_id: str) -> list[Query]:
             params.append((f"{SPS}.ScheduledStationAETitle", spec.station_ae))
         out.append(Query(f"mwl-{spec.name}", "mwlitems", params, spec.identifier()))
     day = today.strftime("%Y%m%d")
-    for name, params, slow in (
-            ("ups-patient", [("PatientID", patient_id)], False),
+    for name, params in (
+            ("ups-patient", [("PatientID", patient_id)]),
             ("ups-station-today", [("WorklistLabel", "CT01"),
-                                   ("ScheduledProcedureStepStartDateTime", f"{day}000000-{day}235959")], True)):
-        out.append(Query(name, "workitems", params, parse_search(params, UPS).identifier, slow))
+                                   ("ScheduledProcedureStepStartDateTime", f"{day}000000-{day}235959")])):
+        out.append(Query(name, "workitems", params, parse_search(params, UPS).identifier))
     return out
 
 
@@ -313,16 +313,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=100_000, help="items in the database (default 100000)")
     parser.add_argument("--backend", choices=("sqlite", "postgresql"), default="sqlite")
     parser.add_argument("--queries", type=int, default=100, help="measured queries per query and path (default 100)")
-    parser.add_argument("--slow-queries", type=int, default=3,
-                        help="measured queries of the unindexed UPS query per path, after one unmeasured (default 3)")
     parser.add_argument("--warmup", type=int, default=3, help="unmeasured queries first (default 3)")
-    parser.add_argument("--quick", action="store_true", help="10k items, 10 queries, 2 of the slow one")
+    parser.add_argument("--quick", action="store_true", help="10k items, 10 queries")
     parser.add_argument("--today", type=lambda t: datetime.strptime(t, "%Y%m%d").date(), default=date.today())
     parser.add_argument("--pg-url", default=DEFAULT_PG_URL)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.quick:
-        args.size, args.queries, args.slow_queries, args.warmup = 10_000, 10, 2, 1
+        args.size, args.queries, args.warmup = 10_000, 10, 1
     return args
 
 
@@ -354,15 +352,14 @@ def main(argv: list[str] | None = None) -> int:
                 http, dimse, raw = HttpClient(http_port), DimseClient(server.port), RawDimseClient(server.port)
                 try:
                     for query in queries_:
-                        count = args.slow_queries if query.slow else args.queries
+                        count = args.queries
                         paths: list[tuple[str, Callable[[Query], int]]] = [("dimse", dimse.search),
                                                                             ("http", http.search)]
                         if query.resource == "mwlitems":
                             paths.insert(1, ("dimse-raw", raw.search))
                         for path, search in paths:
                             _p(f"  {query.name} {path} x{count} ...")
-                            warmup = 1 if query.slow else args.warmup
-                            result = run_series(search, query, count, warmup, server.pid, idle)
+                            result = run_series(search, query, count, args.warmup, server.pid, idle)
                             report["series"].append({"query": query.name, "path": path, **result})
                 finally:
                     http.close()
