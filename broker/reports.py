@@ -9,20 +9,7 @@ from sqlalchemy import ColumnElement, Engine, Row, select
 
 from broker.outbox.outbox import OUTBOX
 from broker.outbox.runner import retry_failed
-from broker.store.tables import (
-    CommitmentRequest,
-    MppsInstance,
-    Order,
-    ProcedureTransition,
-    RequestedProcedure,
-    table_of,
-)
-
-PROCEDURES = table_of(RequestedProcedure)
-TRANSITIONS = table_of(ProcedureTransition)
-ORDERS = table_of(Order)
-MPPS = table_of(MppsInstance)
-REQUESTS = table_of(CommitmentRequest)
+from broker.store.tables import COMMITMENT_REQUESTS, MPPS, ORDERS, PROCEDURE_TRANSITIONS, PROCEDURES
 
 
 def failed_event_rows(engine: Engine, limit: int | None = None, offset: int = 0) -> list[Row[Any]]:
@@ -86,14 +73,16 @@ def procedure_details(engine: Engine, condition: ColumnElement[bool]) -> list[di
             timeline = [{"id": t.id, "at": t.at.isoformat(sep=" ", timespec="seconds"), "from": t.from_state,
                          "to": t.to_state,
                          "cause": t.cause, "event": f"{t.event_kind} {t.event_ref}".strip()}
-                        for t in db.execute(select(TRANSITIONS).where(TRANSITIONS.c.procedure_fk == p.id)
-                                            .order_by(TRANSITIONS.c.at, TRANSITIONS.c.id))]
+                        for t in db.execute(select(PROCEDURE_TRANSITIONS)
+                                            .where(PROCEDURE_TRANSITIONS.c.procedure_fk == p.id)
+                                            .order_by(PROCEDURE_TRANSITIONS.c.at, PROCEDURE_TRANSITIONS.c.id))]
             mpps = [{"sop_instance_uid": m.sop_instance_uid, "status": m.status}
                     for m in db.execute(select(MPPS.c.sop_instance_uid, MPPS.c.status)
                                         .where(MPPS.c.procedure_fk == p.id).order_by(MPPS.c.id))]
             commitments = [{"transaction_uid": r.transaction_uid, "status": r.status, "reason": r.reason}
-                           for r in db.execute(select(REQUESTS).where(REQUESTS.c.procedure_fk == p.id)
-                                               .order_by(REQUESTS.c.id))]
+                           for r in db.execute(select(COMMITMENT_REQUESTS)
+                                               .where(COMMITMENT_REQUESTS.c.procedure_fk == p.id)
+                                               .order_by(COMMITMENT_REQUESTS.c.id))]
             reports.append({
                 "id": p.id, "created_at": p.created_at, "accession_number": p.accession_number,
                 "requested_procedure_id": p.requested_procedure_id,

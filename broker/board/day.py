@@ -15,25 +15,16 @@ from broker.board.causes import readable
 from broker.board.rules import ProcedureFacts
 from broker.board.zone import recorded, scheduled
 from broker.store.tables import (
-    CommitmentRequest,
-    IanNotification,
-    MppsInstance,
-    Order,
-    Patient,
-    ProcedureTransition,
-    RequestedProcedure,
-    ScheduledStep,
-    table_of,
+    COMMITMENT_REQUESTS,
+    IAN_NOTIFICATIONS,
+    MPPS,
+    ORDERS,
+    PATIENTS,
+    PROCEDURE_TRANSITIONS,
+    PROCEDURES,
+    STEPS,
 )
 
-PROCEDURES = table_of(RequestedProcedure)
-ORDERS = table_of(Order)
-PATIENTS = table_of(Patient)
-STEPS = table_of(ScheduledStep)
-TRANSITIONS = table_of(ProcedureTransition)
-MPPS = table_of(MppsInstance)
-IANS = table_of(IanNotification)
-COMMITMENTS = table_of(CommitmentRequest)
 NOT_STARTED_STEPS = frozenset({"SCHEDULED", "ARRIVED", "READY"})
 IMAGES_STATES = ("IMAGES AVAILABLE", "ARCHIVED")
 
@@ -74,9 +65,10 @@ def read_day(engine: Engine, day: date, zone: ZoneInfo) -> list[DayProcedure]:
                                        STEPS.c.scheduled_station_ae_title, STEPS.c.scheduled_start)
                                 .where(STEPS.c.procedure_fk.in_(ids)).order_by(STEPS.c.id)):
                 steps[s.procedure_fk].append(s)
-            for t in db.execute(select(TRANSITIONS.c.procedure_fk, TRANSITIONS.c.to_state, TRANSITIONS.c.at)
-                                .where(TRANSITIONS.c.procedure_fk.in_(ids))
-                                .order_by(TRANSITIONS.c.at, TRANSITIONS.c.id)):
+            for t in db.execute(select(PROCEDURE_TRANSITIONS.c.procedure_fk, PROCEDURE_TRANSITIONS.c.to_state,
+                                       PROCEDURE_TRANSITIONS.c.at)
+                                .where(PROCEDURE_TRANSITIONS.c.procedure_fk.in_(ids))
+                                .order_by(PROCEDURE_TRANSITIONS.c.at, PROCEDURE_TRANSITIONS.c.id)):
                 reached[t.procedure_fk].setdefault(t.to_state, t.at)
     found = [_day_procedure(r, steps[r.id], reached[r.id], zone) for r in rows]
     far = datetime.max.replace(tzinfo=zone)
@@ -106,14 +98,16 @@ def read_timeline(engine: Engine, procedure_id: int, zone: ZoneInfo) -> list[dic
         created = db.execute(select(PROCEDURES.c.created_at).where(PROCEDURES.c.id == procedure_id)).first()
         if created is None:
             return None
-        transitions = list(db.execute(select(TRANSITIONS).where(TRANSITIONS.c.procedure_fk == procedure_id)
-                                      .order_by(TRANSITIONS.c.at, TRANSITIONS.c.id)))
+        transitions = list(db.execute(select(PROCEDURE_TRANSITIONS)
+                                      .where(PROCEDURE_TRANSITIONS.c.procedure_fk == procedure_id)
+                                      .order_by(PROCEDURE_TRANSITIONS.c.at, PROCEDURE_TRANSITIONS.c.id)))
         refs = {t.event_ref for t in transitions if t.event_ref}
         senders: dict[tuple[str, str], str] = {}
         if refs:
             for kind, column, ae in (("mpps", MPPS.c.sop_instance_uid, MPPS.c.calling_ae),
-                                     ("ian", IANS.c.sop_instance_uid, IANS.c.calling_ae),
-                                     ("stgcmt", COMMITMENTS.c.transaction_uid, COMMITMENTS.c.archive_ae)):
+                                     ("ian", IAN_NOTIFICATIONS.c.sop_instance_uid, IAN_NOTIFICATIONS.c.calling_ae),
+                                     ("stgcmt", COMMITMENT_REQUESTS.c.transaction_uid,
+                                      COMMITMENT_REQUESTS.c.archive_ae)):
                 for ref, station in db.execute(select(column, ae).where(column.in_(refs))):
                     senders[(kind, ref)] = station
     entries = [{"at": _iso(recorded(created.created_at, zone)), "from": "", "to": "SCHEDULED",

@@ -18,27 +18,15 @@ from broker.config import RIS_ORDER_STATUS
 from broker.domain.procedure_states import FROM_STEP_STATUS, ProcedureState, is_allowed
 from broker.domain.records import Cause
 from broker.outbox import outbox
-from broker.store.tables import (
-    Order,
-    Patient,
-    ProcedureTransition,
-    RequestedProcedure,
-    ScheduledStep,
-    table_of,
-)
+from broker.store.tables import ORDERS, PATIENTS, PROCEDURE_TRANSITIONS, PROCEDURES, STEPS
 
 log = structlog.get_logger(__name__)
 
-PROCEDURES = table_of(RequestedProcedure)
-ORDERS = table_of(Order)
-PATIENTS = table_of(Patient)
-STEPS = table_of(ScheduledStep)
-TRANSITIONS = table_of(ProcedureTransition)
 
 _STATE = select(PROCEDURES.c.state).where(PROCEDURES.c.id == bindparam("pk"))
 _MOVE = (update(PROCEDURES).where(PROCEDURES.c.id == bindparam("pk"), PROCEDURES.c.state == bindparam("from_state"))
          .values(state=bindparam("to_state"), updated_at=bindparam("now")))
-_INSERT_TRANSITION = insert(TRANSITIONS)
+_INSERT_TRANSITION = insert(PROCEDURE_TRANSITIONS)
 # What an HL7 status message says of the procedure, its order and patient, and its first step.
 _RIS_STATUS_FACTS = (
     select(PROCEDURES.c.id, PROCEDURES.c.order_fk, PROCEDURES.c.accession_number, PROCEDURES.c.requested_procedure_id,

@@ -43,15 +43,9 @@ from broker.domain.records import Cause, OrderRecord, PatientKey, PatientRecord,
 from broker.domain.states import FINAL, NOT_STARTED, OPEN, StepStatus
 from broker.domain.ups_identity import derived_ups_uid
 from broker.store.prepared import Prepared
-from broker.store.tables import Order, Patient, RequestedProcedure, ScheduledStep, StepTransition, table_of
+from broker.store.tables import ORDERS, PATIENTS, PROCEDURES, STEP_TRANSITIONS, STEPS
 
 log = structlog.get_logger(__name__)
-
-PATIENTS = table_of(Patient)
-ORDERS = table_of(Order)
-PROCEDURES = table_of(RequestedProcedure)
-STEPS = table_of(ScheduledStep)
-TRANSITIONS = table_of(StepTransition)
 
 
 @dataclass(frozen=True)
@@ -119,7 +113,7 @@ _INSERT_PROCEDURE = _keyed_insert(PROCEDURES)
 _INSERT_STEP = _keyed_insert(STEPS)
 _UPDATE_STEP = update(STEPS).where(STEPS.c.id == bindparam("pk"))
 _STEP_BY_PK = select(STEPS).where(STEPS.c.id == bindparam("pk"))
-_INSERT_TRANSITION = Prepared(insert(TRANSITIONS))
+_INSERT_TRANSITION = Prepared(insert(STEP_TRANSITIONS))
 # On PostgreSQL a new order of one procedure with one step (the common ORM^O01) is inserted by one
 # statement: see _one_step_order.
 _SHARED_COLUMNS = {"created_at": "now", "updated_at": "now", "at": "now", "patient_fk": "patient_fk"}
@@ -173,7 +167,7 @@ def _one_step_order(*, with_patient: bool = False) -> Select[Any]:
     order = row(ORDERS, "o_")
     procedure = row(PROCEDURES, "p_", "order_fk", order.c.id)
     step = row(STEPS, "s_", "procedure_fk", procedure.c.id)
-    statement = select(order.c.id).add_cte(procedure, step, row(TRANSITIONS, "t_", "step_fk", step.c.id))
+    statement = select(order.c.id).add_cte(procedure, step, row(STEP_TRANSITIONS, "t_", "step_fk", step.c.id))
     return statement.add_cte(patient) if patient is not None else statement
 
 
@@ -478,7 +472,7 @@ class WorklistService:
         removed = [s.id for k, s in existing.items() if k not in seen and s.sps_status in NOT_STARTED]
         if removed:
             log.info("step.removed_by_change", step_pks=removed, cause=cause.text)
-            self.db.execute(delete(TRANSITIONS).where(TRANSITIONS.c.step_fk.in_(removed)))
+            self.db.execute(delete(STEP_TRANSITIONS).where(STEP_TRANSITIONS.c.step_fk.in_(removed)))
             self.db.execute(delete(STEPS).where(STEPS.c.id.in_(removed)))
         if self.audit is not None:
             self.audit.order(self.db, "U", patient.key, record, now)

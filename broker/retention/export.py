@@ -19,24 +19,7 @@ from typing import Any
 import orjson
 from sqlalchemy import Connection, select
 
-from broker.store.tables import (
-    MppsInstance,
-    Order,
-    Patient,
-    ProcedureTransition,
-    RequestedProcedure,
-    ScheduledStep,
-    StepTransition,
-    table_of,
-)
-
-PROCEDURES = table_of(RequestedProcedure)
-ORDERS = table_of(Order)
-PATIENTS = table_of(Patient)
-STEPS = table_of(ScheduledStep)
-STEP_TRANSITIONS = table_of(StepTransition)
-PROCEDURE_TRANSITIONS = table_of(ProcedureTransition)
-MPPS = table_of(MppsInstance)
+from broker.store.tables import MPPS, ORDERS, PATIENTS, PROCEDURE_TRANSITIONS, PROCEDURES, STEP_TRANSITIONS, STEPS
 
 
 def export_path(export_dir: Path, now: datetime) -> Path:

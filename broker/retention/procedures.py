@@ -39,37 +39,23 @@ from broker.retention import export
 from broker.retention.policy import RetentionPolicy
 from broker.retention.stale_steps import RETENTION_SOURCE
 from broker.store.tables import (
-    CommitmentItem,
-    CommitmentRequest,
-    IanNotification,
-    InstanceAvailability,
-    MppsInstance,
-    Order,
-    Patient,
-    ProcedureTransition,
-    RequestedProcedure,
-    ScheduledStep,
-    StepTransition,
-    UpsSubscription,
-    UpsWorkitem,
-    table_of,
+    COMMITMENT_ITEMS,
+    COMMITMENT_REQUESTS,
+    IAN_NOTIFICATIONS,
+    INSTANCE_AVAILABILITY,
+    MPPS,
+    ORDERS,
+    PATIENTS,
+    PROCEDURE_TRANSITIONS,
+    PROCEDURES,
+    STEP_TRANSITIONS,
+    STEPS,
+    UPS_SUBSCRIPTIONS,
+    UPS_WORKITEMS,
 )
 
 log = structlog.get_logger(__name__)
 
-PROCEDURES = table_of(RequestedProcedure)
-ORDERS = table_of(Order)
-PATIENTS = table_of(Patient)
-STEPS = table_of(ScheduledStep)
-STEP_TRANSITIONS = table_of(StepTransition)
-PROCEDURE_TRANSITIONS = table_of(ProcedureTransition)
-MPPS = table_of(MppsInstance)
-AVAILABILITY = table_of(InstanceAvailability)
-IAN = table_of(IanNotification)
-REQUESTS = table_of(CommitmentRequest)
-ITEMS = table_of(CommitmentItem)
-WORKITEMS = table_of(UpsWorkitem)
-SUBSCRIPTIONS = table_of(UpsSubscription)
 
 FINISHED = (ProcedureState.COMPLETED, ProcedureState.DISCONTINUED, ProcedureState.CANCELED,
             ProcedureState.IMAGES_AVAILABLE, ProcedureState.ARCHIVED)
@@ -118,17 +104,17 @@ def _held(db: Connection, procedure_pks: Sequence[int]) -> set[int]:
         held |= set(db.execute(select(MPPS.c.procedure_fk).where(
             MPPS.c.sop_instance_uid.in_(sorted(refs[MPPS_FORWARD])), MPPS.c.procedure_fk.in_(procedure_pks))).scalars())
     if refs[STGCMT_REQUEST]:
-        held |= set(db.execute(select(REQUESTS.c.procedure_fk).where(
-            REQUESTS.c.transaction_uid.in_(sorted(refs[STGCMT_REQUEST])),
-            REQUESTS.c.procedure_fk.in_(procedure_pks))).scalars())
+        held |= set(db.execute(select(COMMITMENT_REQUESTS.c.procedure_fk).where(
+            COMMITMENT_REQUESTS.c.transaction_uid.in_(sorted(refs[STGCMT_REQUEST])),
+            COMMITMENT_REQUESTS.c.procedure_fk.in_(procedure_pks))).scalars())
     if refs[UPS_EVENT]:
         held |= set(db.execute(select(STEPS.c.procedure_fk).where(
             STEPS.c.ups_instance_uid.in_(sorted(refs[UPS_EVENT])), STEPS.c.procedure_fk.in_(procedure_pks))).scalars())
-    held |= set(db.execute(select(REQUESTS.c.procedure_fk).where(
-        REQUESTS.c.procedure_fk.in_(procedure_pks), REQUESTS.c.status == "PENDING")).scalars())
+    held |= set(db.execute(select(COMMITMENT_REQUESTS.c.procedure_fk).where(
+        COMMITMENT_REQUESTS.c.procedure_fk.in_(procedure_pks), COMMITMENT_REQUESTS.c.status == "PENDING")).scalars())
     held |= set(db.execute(select(STEPS.c.procedure_fk).join(
-        SUBSCRIPTIONS, SUBSCRIPTIONS.c.workitem_uid == STEPS.c.ups_instance_uid).where(
-        STEPS.c.procedure_fk.in_(procedure_pks), SUBSCRIPTIONS.c.deletion_lock.is_(True))).scalars())
+        UPS_SUBSCRIPTIONS, UPS_SUBSCRIPTIONS.c.workitem_uid == STEPS.c.ups_instance_uid).where(
+        STEPS.c.procedure_fk.in_(procedure_pks), UPS_SUBSCRIPTIONS.c.deletion_lock.is_(True))).scalars())
     return held
 
 
@@ -175,15 +161,15 @@ def _purge(db: Connection, pks: list[int], policy: RetentionPolicy, now: datetim
                        .where(STEPS.c.procedure_fk.in_(pks))).all()
     step_pks = [s.id for s in steps]
     uids = [s.ups_instance_uid for s in steps if s.ups_instance_uid]
-    requests = select(REQUESTS.c.id).where(REQUESTS.c.procedure_fk.in_(pks)).scalar_subquery()
-    db.execute(delete(ITEMS).where(ITEMS.c.request_fk.in_(requests)))
-    db.execute(delete(REQUESTS).where(REQUESTS.c.procedure_fk.in_(pks)))
-    db.execute(delete(AVAILABILITY).where(AVAILABILITY.c.procedure_fk.in_(pks)))
-    db.execute(delete(IAN).where(IAN.c.procedure_fk.in_(pks)))
+    requests = select(COMMITMENT_REQUESTS.c.id).where(COMMITMENT_REQUESTS.c.procedure_fk.in_(pks)).scalar_subquery()
+    db.execute(delete(COMMITMENT_ITEMS).where(COMMITMENT_ITEMS.c.request_fk.in_(requests)))
+    db.execute(delete(COMMITMENT_REQUESTS).where(COMMITMENT_REQUESTS.c.procedure_fk.in_(pks)))
+    db.execute(delete(INSTANCE_AVAILABILITY).where(INSTANCE_AVAILABILITY.c.procedure_fk.in_(pks)))
+    db.execute(delete(IAN_NOTIFICATIONS).where(IAN_NOTIFICATIONS.c.procedure_fk.in_(pks)))
     db.execute(delete(MPPS).where(or_(MPPS.c.procedure_fk.in_(pks), MPPS.c.step_fk.in_(step_pks))))
     if uids:
-        db.execute(delete(SUBSCRIPTIONS).where(SUBSCRIPTIONS.c.workitem_uid.in_(uids)))
-    db.execute(delete(WORKITEMS).where(WORKITEMS.c.step_fk.in_(step_pks)))
+        db.execute(delete(UPS_SUBSCRIPTIONS).where(UPS_SUBSCRIPTIONS.c.workitem_uid.in_(uids)))
+    db.execute(delete(UPS_WORKITEMS).where(UPS_WORKITEMS.c.step_fk.in_(step_pks)))
     db.execute(delete(STEP_TRANSITIONS).where(STEP_TRANSITIONS.c.step_fk.in_(step_pks)))
     counts.steps += db.execute(delete(STEPS).where(STEPS.c.id.in_(step_pks))).rowcount or 0
     counts.purged += len(pks)

@@ -551,3 +551,21 @@ class WorklistFile(Base):
 def table_of(model: type[Base]) -> Table:
     """The Core table of a model: the hot paths use Core statements on the same tables."""
     return cast(Table, model.__table__)
+
+
+# The Core tables the hot paths and reports write their statements on, named once here for every module
+# that uses them (each module declaring its own gave the same table several names: a procedure
+# transition was TRANSITIONS in one module and PROCEDURE_TRANSITIONS in the next).
+PATIENTS = table_of(Patient)
+ORDERS = table_of(Order)
+PROCEDURES = table_of(RequestedProcedure)
+STEPS = table_of(ScheduledStep)
+STEP_TRANSITIONS = table_of(StepTransition)
+PROCEDURE_TRANSITIONS = table_of(ProcedureTransition)
+MPPS = table_of(MppsInstance)
+IAN_NOTIFICATIONS = table_of(IanNotification)
+INSTANCE_AVAILABILITY = table_of(InstanceAvailability)
+COMMITMENT_REQUESTS = table_of(CommitmentRequest)
+COMMITMENT_ITEMS = table_of(CommitmentItem)
+UPS_WORKITEMS = table_of(UpsWorkitem)
+UPS_SUBSCRIPTIONS = table_of(UpsSubscription)
