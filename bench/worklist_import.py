@@ -8,8 +8,10 @@ Run it by hand from the repository root (it is not a test and is never collected
 1. *Import*: ``--files`` ``.wl`` files (one step each, the attributes a RIS export writes, 50 AE
    sub-folders as wlmscpfs keeps them) are written into a temporary folder, then loaded by the real
    command ``broker import-worklist DIR`` in a child process, whose progress bar is on the console.
-   Measured: items per second (wall time of the command, start-up included) and its peak RSS
-   (``wait4``'s ``ru_maxrss``).
+   Measured: items per second (wall time of the command, start-up included), its peak RSS
+   (``wait4``'s ``ru_maxrss``), its CPU time per item (``wait4``'s user + system time) and, on
+   PostgreSQL, the CPU time per item of the server processes serving the bench's database (their
+   ``/proc/<pid>/stat``, polled while the command runs).
 2. *Latency*: ``broker run`` (a child process) watches an empty folder with the default settle time;
    ``--latency-files`` files are each written under a hidden name and renamed into place, one after the
    other, and a pynetdicom modality asks C-FIND for the file's Patient ID on one association until the
@@ -29,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,17 +118,64 @@ def database(backend: str, work: Path, pg_url: str) -> str:
     return url
 
 
-def bench_import(url: str, folder: Path) -> tuple[float, float, int]:
-    """``broker import-worklist`` on the folder: (seconds, items per second, peak RSS in KB)."""
+@dataclass
+class ImportRun:
+    """One ``broker import-worklist``: wall time, peak RSS, CPU seconds of the command and of the
+    database server's processes for it (0 on SQLite)."""
+
+    files: int
+    seconds: float
+    rss_kb: int
+    broker_cpu: float
+    database_cpu: float
+
+    def line(self, backend: str) -> str:
+        per_item = 1e6 / self.files
+        return (f"import ({backend}): {self.files} files in {self.seconds:.1f} s = {self.files / self.seconds:.0f} "
+                f"items/s, peak RSS {self.rss_kb / 1024:.0f} MB, CPU per item: broker {self.broker_cpu * per_item:.0f} "
+                f"us, PostgreSQL {self.database_cpu * per_item:.0f} us")
+
+
+def backend_cpu(database_name: str) -> dict[int, float]:
+    """CPU seconds (user + system) so far of each PostgreSQL server process serving ``database_name``
+    (its process title names the database)."""
+    found: dict[int, float] = {}
+    if not database_name:
+        return found
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            title = Path(entry.path, "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if not title.startswith("postgres:") or f" {database_name} " not in title:
+                continue
+            fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        found[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick
+    return found
+
+
+def bench_import(url: str, folder: Path) -> ImportRun:
+    """``broker import-worklist`` on the folder, with the CPU time of the command and of the database
+    server's processes for it (polled every 0.2 s: a backend's last value before it exits is kept)."""
     count = sum(1 for _ in folder.rglob("*.wl"))
+    database_name = url.rsplit("/", 1)[1] if url.startswith("postgresql") else ""
+    server: dict[int, float] = {}
     started = time.perf_counter()
     child = subprocess.Popen([*BROKER, "import-worklist", str(folder)], cwd=ROOT, env=environment(url))
-    _, status, usage = os.wait4(child.pid, 0)
+    while True:
+        server.update(backend_cpu(database_name))
+        pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+        if pid:
+            break
+        time.sleep(0.2)
     seconds = time.perf_counter() - started
     child.returncode = os.waitstatus_to_exitcode(status)
     if child.returncode != 0:
         raise SystemExit(f"import-worklist failed ({child.returncode})")
-    return seconds, count / seconds, usage.ru_maxrss
+    return ImportRun(count, seconds, usage.ru_maxrss, usage.ru_utime + usage.ru_stime, sum(server.values()))
 
 
 def free_port() -> int:
@@ -206,9 +256,7 @@ def main() -> None:
             started = time.perf_counter()
             write_folder(work / "export", args.files)
             print(f"wrote {args.files} .wl files in {time.perf_counter() - started:.1f} s", flush=True)
-            seconds, rate, rss = bench_import(url, work / "export")
-            print(f"import ({args.backend}): {args.files} files in {seconds:.1f} s = {rate:.0f} items/s, "
-                  f"peak RSS {rss / 1024:.0f} MB", flush=True)
+            print(bench_import(url, work / "export").line(args.backend), flush=True)
         if args.latency_files:
             latencies = bench_latency(url, work / "watched", args.latency_files, offset=args.files + 1)
             print(f"watcher latency ({args.backend}, rename -> C-FIND, {len(latencies)} files): "

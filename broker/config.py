@@ -94,6 +94,7 @@ class Settings(BaseSettings):
     worklist_on_delete: Literal["cancel", "keep"] = "cancel"
     worklist_settle_seconds: float = Field(2, ge=0)
     worklist_scan_interval: float = Field(60, gt=0)
+    worklist_delete_guard: float = Field(0.5, ge=0, le=1)
 
     # --- procedure status pipeline: MPPS, IAN, Storage Commitment, RIS status ---
     dicom_peers: str = ""

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from broker.worklist_files.folders import BATCH, Folder, list_files
+from broker.worklist_files.folders import BATCH, Folder, listing
 from broker.worklist_files.intake import FileIntake, Outcome
 
 
@@ -24,9 +24,13 @@ class Summary:
     read: int = 0
     counts: Counter[str] = field(default_factory=Counter)
     refused: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # could not be read (permissions, I/O)
     moved_aside: int = 0
 
     def add(self, outcome: Outcome) -> None:
+        if outcome.outcome == "skipped":  # not read: not archived, read again by the next import or scan
+            self.skipped.append((outcome.path, outcome.error))
+            return
         self.read += 1
         self.counts[outcome.outcome] += 1
         if outcome.failed:
@@ -46,6 +50,9 @@ class Summary:
             lines.append(f"  ... and {len(self.refused) - limit} more (listed in GET /api/messages?status=error)")
         if self.moved_aside:
             lines.append(f"unreadable files moved to .failed/: {self.moved_aside}")
+        if self.skipped:
+            lines.append(f"not read (permissions, I/O errors; read again next time): {len(self.skipped)}")
+            lines.extend(f"  {path}: {reason}" for path, reason in self.skipped[:limit])
         return lines
 
 
@@ -57,18 +64,19 @@ def import_folder(intake: FileIntake, root: Path, *, dry_run: bool = False,
     ``total`` is told how many files will be read, ``progress`` each one's outcome."""
     summary = Summary()
     folder = Folder(root, intake, settle_seconds=0)
-    listed = len(list_files(folder.root))
+    listed = len(listing(folder.root).files)
     changes = list(folder.changes(settled_only=False, deletions=False))
     summary.counts["unchanged"] += listed - len(changes)  # read before, same size and time: not opened
     summary.read += listed - len(changes)
     if total is not None:
         total(len(changes))
-    for start in range(0, len(changes), BATCH):
-        # (a file written to while it was read is left out: the watcher reads it later)
-        for outcome in folder.handle_many([c.path for c in changes[start:start + BATCH]], dry_run=dry_run):
-            summary.add(outcome)
-            if outcome.outcome == "unreadable" and not dry_run:
-                summary.moved_aside += 1
-            if progress is not None:
-                progress(outcome)
+    paths = [change.path for change in changes]
+    # (a file written to while it was read is left out: the watcher reads it later)
+    batches = [paths[start:start + BATCH] for start in range(0, len(paths), BATCH)]
+    for outcome in folder.apply_batches(batches, dry_run=dry_run):
+        summary.add(outcome)
+        if outcome.outcome == "unreadable" and not dry_run:
+            summary.moved_aside += 1
+        if progress is not None:
+            progress(outcome)
     return summary

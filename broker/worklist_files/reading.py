@@ -104,6 +104,22 @@ def read_entry(data: bytes, relative_path: str) -> WorklistEntry:
     return WorklistEntry(identity, patient, order)
 
 
+Parsed = tuple[WorklistEntry | None, str, bool]
+"""A file read: (its entry, "", False) or (None, the refusal's reason, whether it is unreadable)."""
+
+
+def parse_many(files: list[tuple[str, bytes]]) -> list[Parsed]:
+    """:func:`read_entry` of several files (relative path, bytes) in one call, with the refusals as
+    values: what the parsing process of a large scan or import sends back (picklable)."""
+    parsed: list[Parsed] = []
+    for relative_path, data in files:
+        try:
+            parsed.append((read_entry(data, relative_path), "", False))
+        except FileRefused as exc:
+            parsed.append((None, exc.reason, exc.unreadable))
+    return parsed
+
+
 def dump(data: bytes) -> str:
     """A stored file's bytes as readable text (pydicom's dump), for the archive's view of a file; a
     file that is no DICOM is shown as the reason it was refused."""

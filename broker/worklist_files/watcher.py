@@ -7,10 +7,14 @@ place is read at once; a file created or written in place is read once no event 
 the settle time (and the scan reads only files whose time is older than that). In a cluster only the
 node holding the lease ``worklist-folders`` reads: the others note nothing and take over (with a full
 scan) when the holder stops or its lease expires.
+
+A folder is never created by the watcher: a folder that is missing (a share not mounted yet) is
+looked for at every scan and watched once it is there (again after it was unmounted and mounted).
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from pathlib import Path
@@ -62,9 +66,10 @@ class FolderWatcher:
     """Watches ``folders`` and applies their files through ``intake`` while holding the lease."""
 
     def __init__(self, engine: Engine, folders: list[Path], intake: FileIntake, *, holder: str,
-                 settle_seconds: float = 2.0, scan_interval: float = 60.0, lease_seconds: float = 30.0) -> None:
+                 settle_seconds: float = 2.0, scan_interval: float = 60.0, lease_seconds: float = 30.0,
+                 delete_guard: float = 1.0) -> None:
         self.engine = engine
-        self.folders = [Folder(root, intake, settle_seconds) for root in folders]
+        self.folders = [Folder(root, intake, settle_seconds, delete_guard=delete_guard) for root in folders]
         self.holder = holder
         self.settle_seconds = settle_seconds
         self.scan_interval = scan_interval
@@ -77,18 +82,43 @@ class FolderWatcher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._observer: Any = None
+        self._watches: dict[int, tuple[tuple[int, int], Any]] = {}  # folder -> (root's device and inode, watch)
 
     def start(self) -> None:
         """Start the events and the reading thread (the first full scan runs once the lease is held)."""
-        for folder in self.folders:
-            folder.root.mkdir(parents=True, exist_ok=True)
         self._observer = Observer()
-        for folder in self.folders:
-            self._observer.schedule(_Events(self, folder), str(folder.root), recursive=True)
         self._observer.start()
+        self._follow()
         self._thread = threading.Thread(target=self._loop, name="worklist-folders", daemon=True)
         self._thread.start()
         log.info("worklist_folders.watching", folders=[f.key for f in self.folders])
+
+    def _follow(self) -> None:
+        """Have the file system's events of every folder that is there (a folder missing, or unmounted
+        and mounted again, is a new root: the old watch saw its last event)."""
+        for index, folder in enumerate(self.folders):
+            try:
+                root = folder.root.stat()
+                identity = (root.st_dev, root.st_ino)
+            except OSError:
+                identity = None
+            watched = self._watches.get(index)
+            if watched is not None and watched[0] == identity:
+                continue
+            if watched is not None:
+                self._watches.pop(index)
+                with contextlib.suppress(KeyError, OSError):  # already gone with its folder
+                    self._observer.unschedule(watched[1])
+            if identity is None:
+                log.warning("worklist_folder.missing", folder=folder.key)
+                continue
+            try:
+                watch = self._observer.schedule(_Events(self, folder), str(folder.root), recursive=True)
+            except OSError as exc:
+                log.warning("worklist_folder.not_watched", folder=folder.key, error=exc.strerror or str(exc))
+                continue
+            self._watches[index] = (identity, watch)
+
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop watching; the lease is released so another node takes over at once."""
@@ -166,7 +196,10 @@ class FolderWatcher:
             self._wake.clear()
 
     def scan(self) -> None:
-        """One full look at every folder (files settled by their time, deletions)."""
+        """One full look at every folder (files settled by their time, deletions); a folder that came
+        back (mounted again) is watched again."""
+        if self._observer is not None:
+            self._follow()
         for folder in self.folders:
             folder.sync()
         self.scans += 1
@@ -180,4 +213,5 @@ def watcher_from_settings(settings: Settings, engine: Engine) -> FolderWatcher:
     return FolderWatcher(engine, settings.worklist_folder_paths, intake, holder=node_id_for(settings),
                          settle_seconds=settings.worklist_settle_seconds,
                          scan_interval=settings.worklist_scan_interval,
-                         lease_seconds=settings.cluster_lease_seconds)
+                         lease_seconds=settings.cluster_lease_seconds,
+                         delete_guard=settings.worklist_delete_guard)

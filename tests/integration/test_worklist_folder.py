@@ -55,6 +55,7 @@ def migrated(engine: Engine) -> Engine:
 
 def watch(engine: Engine, folder: Path, *, holder: str = "node-a", on_delete: str = "cancel",
           scan_interval: float = 0.5) -> FolderWatcher:
+    folder.mkdir(parents=True, exist_ok=True)  # the watcher never makes its folder (a share not mounted)
     watcher = FolderWatcher(engine, [folder], FileIntake(engine, on_delete=on_delete), holder=holder,
                             settle_seconds=SETTLE, scan_interval=scan_interval, lease_seconds=3)
     watcher.start()
