@@ -180,29 +180,24 @@ def commitment(engine: Engine) -> list[tuple[Any, list[Any]]]:
     return [(r, rows(engine, CommitmentItem, request_fk=r.id)) for r in rows(engine, CommitmentRequest)]
 
 
-class TestRis:
-    """A RIS's HL7 listener on 127.0.0.1: ACKs with AA (MSA-2 = MSH-10) and records every message;
-    ``refuse = True`` closes each connection at once, ``stop()`` / ``start()`` take it down and up
-    on the same port."""
+class ThreadedListener:
+    """A TCP listener on 127.0.0.1 served on an asyncio loop in a thread of its own, for the fake peers the
+    broker connects to (a RIS): ``stop()`` / ``start()`` take it down and up on the same port (``port`` 0:
+    a free one, chosen at the first start), ``close()`` ends it. Subclasses serve each connection in
+    ``_serve``."""
 
-    __test__ = False
-
-    def __init__(self) -> None:
-        self.messages: list[str] = []
-        self.refuse = False
-        self.ack_code = "AA"
-        self.port = 0
-        self._loop = asyncio.new_event_loop()
+    def __init__(self, port: int = 0) -> None:
+        self.port = port
         self._server: asyncio.base_events.Server | None = None
+        self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
-        self.received = threading.Condition()
 
     def start(self) -> None:
         asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
 
     async def _start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port, reuse_address=True)
         self.port = self._server.sockets[0].getsockname()[1]
 
     def stop(self) -> None:
@@ -219,6 +214,24 @@ class TestRis:
         self.stop()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+
+class TestRis(ThreadedListener):
+    """A RIS's HL7 listener on 127.0.0.1: ACKs with AA (MSA-2 = MSH-10) and records every message;
+    ``refuse = True`` closes each connection at once, ``stop()`` / ``start()`` take it down and up
+    on the same port."""
+
+    __test__ = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+        self.refuse = False
+        self.ack_code = "AA"
+        self.received = threading.Condition()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.refuse:

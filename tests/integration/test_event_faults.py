@@ -47,7 +47,7 @@ from broker.store import migrate
 from broker.store.session import make_engine
 from broker.store.tables import MppsInstance, ProcedureTransition
 from tests.conftest import ROOT, _postgres_database
-from tests.events_support import Scheduled, ian, mpps_create, mpps_final, outbox, rows, schedule
+from tests.events_support import Scheduled, ThreadedListener, ian, mpps_create, mpps_final, outbox, rows, schedule
 from tests.integration.test_cli import env_for, free_port, run_cli
 
 pytestmark = [
@@ -119,42 +119,17 @@ class Received:
     at: float
 
 
-class RecordingRis:
+class RecordingRis(ThreadedListener):
     """An MLLP listener on a fixed port that records every status message when it arrives (so a message
     whose ACK is lost is recorded too) and ACKs with ``ack_code``; ``hold_next`` seconds delay the ACK
     of the next message (a slow RIS); ``stop()`` / ``start()`` take it down and up on the same port."""
 
     def __init__(self, port: int) -> None:
-        self.port = port
+        super().__init__(port)
         self.received: list[Received] = []
         self.ack_code = "AA"
         self.hold_next = 0.0
         self.changed = threading.Condition()
-        self._server: asyncio.Server | None = None
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._thread.start()
-
-    def start(self) -> None:
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
-
-    async def _start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port, reuse_address=True)
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(10)
-
-    async def _stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            self._server = None
-        for task in [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]:
-            task.cancel()
-
-    def close(self) -> None:
-        self.stop()
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         decoder = FrameDecoder(1 << 20)
