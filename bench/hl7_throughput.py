@@ -962,11 +962,16 @@ def _sigterm(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    # Ctrl-C and SIGTERM raise KeyboardInterrupt even if SIGINT was inherited as ignored (background job).
+def interrupt_on_signals() -> None:
+    """Ctrl-C and SIGTERM raise KeyboardInterrupt, even if SIGINT was inherited as ignored (a background
+    job): a benchmark then stops its broker and drops its database on the way out."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _sigterm)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    interrupt_on_signals()
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     started = datetime.now(UTC)

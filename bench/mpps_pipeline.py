@@ -40,7 +40,6 @@ import json
 import multiprocessing
 import os
 import shutil
-import signal
 import socket
 import struct
 import subprocess
@@ -50,7 +49,6 @@ import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,6 +65,7 @@ from bench.hl7_throughput import (  # noqa: E402
     broker_command,
     free_port,
     fresh_database,
+    interrupt_on_signals,
     latency_summary,
     machine_facts,
     migrate,
@@ -834,14 +833,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _sigterm(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _sigterm)
+    interrupt_on_signals()
     started = datetime.now(UTC)
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
     json_path: Path = args.json or ROOT / "bench" / "results" / f"mpps-{stamp}.json"
