@@ -67,29 +67,26 @@ from broker.config import Settings, load_settings  # noqa: E402
 from broker.dicom_json import element  # noqa: E402
 from broker.domain import worklist_item  # noqa: E402
 from broker.mwl.finder import WorklistFinder  # noqa: E402
+from broker.outbox.outbox import OUTBOX  # noqa: E402
 from broker.retention import apply_retention  # noqa: E402
 from broker.store import migrate  # noqa: E402
 from broker.store.session import make_engine  # noqa: E402
 from broker.store.tables import (  # noqa: E402
+    MPPS,
+    ORDERS,
+    PATIENTS,
+    PROCEDURE_TRANSITIONS,
+    PROCEDURES,
+    STEP_TRANSITIONS,
+    STEPS,
     AuditRecord,
     AuditRecordPatient,
     InboundMessage,
-    MppsInstance,
-    Order,
-    OutboxEvent,
-    Patient,
-    ProcedureTransition,
-    RequestedProcedure,
-    ScheduledStep,
-    StepTransition,
     table_of,
 )
 
-PATIENTS, ORDERS, PROCEDURES = table_of(Patient), table_of(Order), table_of(RequestedProcedure)
-STEPS, STEP_TRANSITIONS, TIMELINE = table_of(ScheduledStep), table_of(StepTransition), table_of(ProcedureTransition)
-MESSAGES, MPPS, OUTBOX = table_of(InboundMessage), table_of(MppsInstance), table_of(OutboxEvent)
-AUDIT, AUDIT_PATIENTS = table_of(AuditRecord), table_of(AuditRecordPatient)
-TABLES = (PATIENTS, ORDERS, PROCEDURES, STEPS, STEP_TRANSITIONS, TIMELINE, MESSAGES, MPPS, OUTBOX, AUDIT,
+MESSAGES, AUDIT, AUDIT_PATIENTS = table_of(InboundMessage), table_of(AuditRecord), table_of(AuditRecordPatient)
+TABLES = (PATIENTS, ORDERS, PROCEDURES, STEPS, STEP_TRANSITIONS, PROCEDURE_TRANSITIONS, MESSAGES, MPPS, OUTBOX, AUDIT,
           AUDIT_PATIENTS)
 STATIONS = (("CT01", "CT"), ("CT02", "CT"), ("CT03", "CT"), ("MR01", "MR"), ("MR02", "MR"), ("US01", "US"),
             ("US02", "US"), ("CR01", "CR"), ("DX01", "DX"), ("MG01", "MG"))
@@ -161,7 +158,7 @@ class Simulation:
 
     def _write(self, rows: dict[str, list[dict[str, Any]]]) -> None:
         tables = {"messages": MESSAGES, "patients": PATIENTS, "orders": ORDERS, "procedures": PROCEDURES,
-                  "steps": STEPS, "step_transitions": STEP_TRANSITIONS, "timeline": TIMELINE, "mpps": MPPS,
+                  "steps": STEPS, "step_transitions": STEP_TRANSITIONS, "timeline": PROCEDURE_TRANSITIONS, "mpps": MPPS,
                   "outbox": OUTBOX}
         with self.engine.begin() as db:
             for name, table in tables.items():

@@ -18,19 +18,19 @@ from broker.dicom_json import value
 from broker.intake.service import Intake
 from broker.mapping.rules import MappingSet
 from broker.outbox import outbox
+from broker.outbox.outbox import OUTBOX
 from broker.retention import apply_retention
 from broker.store.tables import (
+    MPPS,
+    ORDERS,
+    PATIENTS,
+    PROCEDURE_TRANSITIONS,
+    PROCEDURES,
+    STEP_TRANSITIONS,
+    STEPS,
+    UPS_SUBSCRIPTIONS,
     AuditRecord,
     InboundMessage,
-    MppsInstance,
-    Order,
-    OutboxEvent,
-    Patient,
-    ProcedureTransition,
-    RequestedProcedure,
-    ScheduledStep,
-    StepTransition,
-    UpsSubscription,
     table_of,
 )
 from tests.integration.test_cli import env_for, run_cli
@@ -39,14 +39,7 @@ from tests.mwl_support import place
 
 pytestmark = pytest.mark.integration
 
-STEPS = table_of(ScheduledStep)
-PROCEDURES = table_of(RequestedProcedure)
-ORDERS = table_of(Order)
-PATIENTS = table_of(Patient)
 MESSAGES = table_of(InboundMessage)
-OUTBOX = table_of(OutboxEvent)
-TIMELINE = table_of(ProcedureTransition)
-STEP_TRANSITIONS = table_of(StepTransition)
 AUDIT = table_of(AuditRecord)
 FUTURE = "20991231090000"
 
@@ -65,8 +58,8 @@ def count(engine: Engine, table: Any, *where: Any) -> int:
 
 
 def every_table(engine: Engine) -> dict[str, int]:
-    return {t.name: count(engine, t) for t in (STEPS, PROCEDURES, ORDERS, PATIENTS, MESSAGES, OUTBOX, TIMELINE,
-                                               STEP_TRANSITIONS, AUDIT)}
+    return {t.name: count(engine, t) for t in (STEPS, PROCEDURES, ORDERS, PATIENTS, MESSAGES, OUTBOX,
+                                               PROCEDURE_TRANSITIONS, STEP_TRANSITIONS, AUDIT)}
 
 
 def step_of(engine: Engine, sps: str) -> Any:
@@ -155,7 +148,7 @@ def test_timeline_keep_and_delete(engine: Engine, database_url: str, mappings: M
     assert (kept.procedures_purged, kept.steps_purged, kept.timelines_exported) == (1, 1, 0)
     assert count(engine, STEPS) == 0
     assert count(engine, PROCEDURES) == count(engine, ORDERS) == count(engine, PATIENTS) == 1
-    assert [t.to_state for t in _all(engine, TIMELINE)] == ["COMPLETED"]
+    assert [t.to_state for t in _all(engine, PROCEDURE_TRANSITIONS)] == ["COMPLETED"]
     again = apply_retention(settings_for(database_url, tmp_path, retention_timeline="keep"), engine, later(32))
     assert again.procedures_purged == 0, "a kept procedure is purged once"
 
@@ -164,7 +157,8 @@ def test_timeline_keep_and_delete(engine: Engine, database_url: str, mappings: M
     deleted = apply_retention(settings_for(database_url, tmp_path, retention_timeline="delete"), engine, later(31))
     assert (deleted.procedures_purged, deleted.steps_purged, deleted.timelines_exported) == (2, 1, 0)
     assert not (tmp_path / "export").exists()
-    assert count(engine, PROCEDURES) == count(engine, TIMELINE) == count(engine, ORDERS) == count(engine, PATIENTS) == 0
+    assert count(engine, PROCEDURES) == count(engine, PROCEDURE_TRANSITIONS) == count(engine, ORDERS) \
+        == count(engine, PATIENTS) == 0
 
 
 def test_dry_run_changes_nothing(engine: Engine, database_url: str, mappings: MappingSet, tmp_path: Path) -> None:
@@ -190,7 +184,7 @@ def test_stale_step_is_discontinued_with_its_ups_and_ris_events(engine: Engine, 
           HL7Order("BEGUN1", "CT01", start=ago(days=2), then=("SC^IP",)))
     stale = step_of(engine, "STALE1")
     with engine.begin() as db:
-        db.execute(insert(table_of(UpsSubscription)).values(
+        db.execute(insert(UPS_SUBSCRIPTIONS).values(
             subscriber_ae="WATCHER", workitem_uid=stale.ups_instance_uid, is_global=False, matching_keys=None,
             deletion_lock=False, suspended_at=None, created_at=datetime.now()))
     settings = settings_for(database_url, tmp_path, ris_hl7_address="127.0.0.1:2576")
@@ -203,7 +197,8 @@ def test_stale_step_is_discontinued_with_its_ups_and_ris_events(engine: Engine, 
     with engine.connect() as db:
         [step_line] = db.execute(select(STEP_TRANSITIONS).where(STEP_TRANSITIONS.c.step_fk == stale.id,
                                                                 STEP_TRANSITIONS.c.to_status == "DISCONTINUED")).all()
-        [line] = db.execute(select(TIMELINE).where(TIMELINE.c.procedure_fk == stale.procedure_fk)).all()
+        [line] = db.execute(select(PROCEDURE_TRANSITIONS)
+                            .where(PROCEDURE_TRANSITIONS.c.procedure_fk == stale.procedure_fk)).all()
         events = db.execute(select(OUTBOX).order_by(OUTBOX.c.id)).all()
         procedure = db.execute(select(PROCEDURES).where(PROCEDURES.c.id == stale.procedure_fk)).one()
     assert step_line.cause == cause
@@ -227,7 +222,7 @@ def test_stale_step_is_discontinued_with_its_ups_and_ris_events(engine: Engine, 
     gone = apply_retention(settings, engine, later(31))
     assert gone.procedures_purged == 1
     assert count(engine, PROCEDURES, PROCEDURES.c.id == stale.procedure_fk) == 0
-    assert count(engine, table_of(UpsSubscription)) == 0, "its workitem's subscriptions went with it"
+    assert count(engine, UPS_SUBSCRIPTIONS) == 0, "its workitem's subscriptions went with it"
 
 
 def test_a_pending_event_holds_its_procedure(engine: Engine, database_url: str, mappings: MappingSet,
@@ -290,14 +285,13 @@ def test_broker_db_purge_on_the_command_line(tmp_path: Path, mappings: MappingSe
 
 
 def test_unscheduled_mpps_leaves_once_final_and_old(engine: Engine, database_url: str, tmp_path: Path) -> None:
-    mpps = table_of(MppsInstance)
     now = datetime.now()
     with engine.begin() as db:
         for uid, status in (("1.2.3.1", "COMPLETED"), ("1.2.3.2", "IN PROGRESS")):
-            db.execute(insert(mpps).values(sop_instance_uid=uid, status=status, step_fk=None, procedure_fk=None,
+            db.execute(insert(MPPS).values(sop_instance_uid=uid, status=status, step_fk=None, procedure_fk=None,
                                            study_instance_uid="1.2.3", calling_ae="CT01", dataset={},
                                            unscheduled=True, created_at=now, updated_at=now))
     settings = settings_for(database_url, tmp_path)
     assert apply_retention(settings, engine, later(29)).unlinked_records_purged == 0
     assert apply_retention(settings, engine, later(31)).unlinked_records_purged == 1
-    assert [m.sop_instance_uid for m in _all(engine, mpps)] == ["1.2.3.2"], "one still in progress stays"
+    assert [m.sop_instance_uid for m in _all(engine, MPPS)] == ["1.2.3.2"], "one still in progress stays"
