@@ -248,7 +248,7 @@ class Folder:
             pending: tuple[list[Read], list[Outcome], Future[list[Parsed]]] | None = None
             for paths in batches:
                 reads, outcomes = self._read(paths, dry_run=dry_run)
-                future = pool.submit(parse_many, [(r.path, r.data) for r in reads if not r.refusal])
+                future = pool.submit(parse_many, self.key, [(r.path, r.data) for r in reads if not r.refusal])
                 if pending is not None:
                     yield from self._apply(*pending, dry_run=dry_run)
                 pending = (reads, outcomes, future)

@@ -15,11 +15,19 @@ ORDER_ISSUER = "WORKLIST-FILES"
 """Placer issuer of the orders made for worklist files (orders.placer_issuer)."""
 
 
-def identity_of(study_instance_uid: str, sps_id: str, relative_path: str) -> str:
-    """``uid:<study>|<sps>`` when the file carries both, else ``file:<path relative to its folder>``."""
+def identity_of(study_instance_uid: str, sps_id: str, relative_path: str, folder: str = "") -> str:
+    """``uid:<study>|<sps>`` when the file carries both, else ``file:<path relative to its folder>``,
+    followed by ``@`` and a short hash of the folder when one is given: two watched folders may hold
+    the same file name for different patients. A path too long for the column keeps its end and a
+    hash of the whole (cutting it would make two long names one step)."""
     if study_instance_uid and sps_id:
         return f"uid:{study_instance_uid}|{sps_id}"
-    return f"file:{relative_path}"[:200]
+    name = relative_path
+    if folder:
+        name += "@" + hashlib.sha256(folder.encode("utf-8")).hexdigest()[:12]
+    if len(name) > 195:
+        name = hashlib.sha256(name.encode("utf-8")).hexdigest()[:40] + "~" + name[-154:]
+    return f"file:{name}"
 
 
 def order_number(identity: str) -> str:

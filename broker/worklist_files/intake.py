@@ -164,7 +164,7 @@ class FileIntake:
                 continue
             job = _Job(read, digest, state, folder)
             entry, reason, unreadable = (None, read.refusal, False) if read.refusal else (
-                parsed[index] if parsed is not None else parse_many([(read.path, read.data)])[0])
+                parsed[index] if parsed is not None else parse_many(folder, [(read.path, read.data)])[0])
             if entry is None:
                 job.refusal = Outcome(read.path, "unreadable" if unreadable else "refused", "", reason)
             job.entry = entry

@@ -76,8 +76,8 @@ def _public(dataset: JsonDataset) -> JsonDataset:
     return kept
 
 
-def read_entry(data: bytes, relative_path: str) -> WorklistEntry:
-    """The entry of a file's bytes; ``relative_path`` (inside its folder) names it when it has no
+def read_entry(data: bytes, relative_path: str, folder: str = "") -> WorklistEntry:
+    """The entry of a file's bytes; ``relative_path`` (inside its ``folder``) names it when it has no
     Study Instance UID and SPS ID. Raises FileRefused."""
     item = dataset_json(data)
     sequence = item.get(SPS_SEQUENCE, {}).get("Value") or []
@@ -88,7 +88,7 @@ def read_entry(data: bytes, relative_path: str) -> WorklistEntry:
         raise FileRefused("no Patient ID")
     study_uid = value(item, "StudyInstanceUID")
     sps_id = value(sequence[0], "ScheduledProcedureStepID")
-    identity = identity_of(study_uid, sps_id, relative_path)
+    identity = identity_of(study_uid, sps_id, relative_path, folder)
     if not study_uid:
         study_uid = derived_study_uid(identity)
         item[tag_of("StudyInstanceUID")] = element("StudyInstanceUID", study_uid)
@@ -108,13 +108,13 @@ Parsed = tuple[WorklistEntry | None, str, bool]
 """A file read: (its entry, "", False) or (None, the refusal's reason, whether it is unreadable)."""
 
 
-def parse_many(files: list[tuple[str, bytes]]) -> list[Parsed]:
-    """:func:`read_entry` of several files (relative path, bytes) in one call, with the refusals as
-    values: what the parsing process of a large scan or import sends back (picklable)."""
+def parse_many(folder: str, files: list[tuple[str, bytes]]) -> list[Parsed]:
+    """:func:`read_entry` of several files of a folder (relative path, bytes) in one call, with the
+    refusals as values: what the parsing process of a large scan or import sends back (picklable)."""
     parsed: list[Parsed] = []
     for relative_path, data in files:
         try:
-            parsed.append((read_entry(data, relative_path), "", False))
+            parsed.append((read_entry(data, relative_path, folder), "", False))
         except FileRefused as exc:
             parsed.append((None, exc.reason, exc.unreadable))
     return parsed

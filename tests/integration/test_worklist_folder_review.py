@@ -234,3 +234,16 @@ def test_a_large_import_parses_in_a_parsing_process_with_the_same_outcomes(migra
     assert (root / ".failed" / "AE2" / "junk.wl").exists()
     again = import_folder(FileIntake(migrated), root)
     assert again.counts["unchanged"] == PARSING_PROCESS_MINIMUM + 11 and not again.refused
+
+
+def test_two_folders_with_the_same_file_name_are_two_steps(migrated: Engine, tmp_path: Path) -> None:
+    """Files without Study Instance UID and SPS ID are known by their path: the same name in two
+    watched folders (two sites' exports) is two patients' steps, not one step flipping between them."""
+    for site, patient in (("site-a", "PA"), ("site-b", "PB")):
+        ds = Item("", patient_id=patient).dataset()
+        del ds.StudyInstanceUID
+        write_wl(tmp_path / site / "0001.wl", ds)
+        assert scan(migrated, tmp_path / site) == ["created"]
+    with migrated.connect() as db:
+        rows = db.execute(select(STEPS.c.patient_id, STEPS.c.study_instance_uid)).all()
+    assert sorted(r.patient_id for r in rows) == ["PA", "PB"] and rows[0].study_instance_uid != rows[1].study_instance_uid
