@@ -474,16 +474,27 @@ _DateBounds = tuple[date | None, date | None]
 _TimeBounds = tuple[timedelta | None, timedelta | None]  # start, exclusive end (as times of day)
 
 
-def _date_bounds(elem: DataElement | None) -> _DateBounds | None:
-    """Inclusive first and last day of an SPS Start Date key; ``None`` when universal."""
+def _range_key(elem: DataElement | None, keyword: str) -> tuple[str, tuple[str, str] | None, int] | None:
+    """A date or time matching key read for range matching: its text, its ``(low, high)`` when it is a
+    range (``None`` for a single value) and its tag; ``None`` when the key is universal (absent, empty
+    or only ``*``). Wildcards in it are refused (IdentifierError), as for every date and time key."""
     if elem is None or elem.is_empty:
         return None
-    keyword, tag = "ScheduledProcedureStepStartDate", int(elem.tag)
+    tag = int(elem.tag)
     text = _text(elem, keyword)
     if not text or _all_stars(text):
         return None
     _no_wildcards(text, keyword, tag)
-    bounds = _split_range(text, keyword, tag)
+    return text, _split_range(text, keyword, tag), tag
+
+
+def _date_bounds(elem: DataElement | None) -> _DateBounds | None:
+    """Inclusive first and last day of an SPS Start Date key; ``None`` when universal."""
+    keyword = "ScheduledProcedureStepStartDate"
+    key = _range_key(elem, keyword)
+    if key is None:
+        return None
+    text, bounds, tag = key
     if bounds is None:
         day = _parse_da(text, keyword, tag)
         return day, day
@@ -496,14 +507,11 @@ def _date_bounds(elem: DataElement | None) -> _DateBounds | None:
 
 def _time_bounds(elem: DataElement | None) -> _TimeBounds | None:
     """Start and exclusive end of an SPS Start Time key as times of day; ``None`` when universal."""
-    if elem is None or elem.is_empty:
+    keyword = "ScheduledProcedureStepStartTime"
+    key = _range_key(elem, keyword)
+    if key is None:
         return None
-    keyword, tag = "ScheduledProcedureStepStartTime", int(elem.tag)
-    text = _text(elem, keyword)
-    if not text or _all_stars(text):
-        return None
-    _no_wildcards(text, keyword, tag)
-    bounds = _split_range(text, keyword, tag)
+    text, bounds, tag = key
     if bounds is None:
         start, precision = _parse_tm(text, keyword, tag)
         return start, start + precision
