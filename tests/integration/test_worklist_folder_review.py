@@ -246,4 +246,5 @@ def test_two_folders_with_the_same_file_name_are_two_steps(migrated: Engine, tmp
         assert scan(migrated, tmp_path / site) == ["created"]
     with migrated.connect() as db:
         rows = db.execute(select(STEPS.c.patient_id, STEPS.c.study_instance_uid)).all()
-    assert sorted(r.patient_id for r in rows) == ["PA", "PB"] and rows[0].study_instance_uid != rows[1].study_instance_uid
+    assert sorted(r.patient_id for r in rows) == ["PA", "PB"]
+    assert rows[0].study_instance_uid != rows[1].study_instance_uid
