@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 from pydicom import Dataset
 from pynetdicom import AE, build_role, evt
@@ -86,8 +86,34 @@ class ActionSeen:
     association: Any
 
 
+class _Peer:
+    """What the pynetdicom SCPs below share: ``ae`` listening on 127.0.0.1:``port`` with the handlers of
+    :meth:`_handlers` from :meth:`start` to :meth:`stop`, named ``peer_setting()`` in the broker's
+    ``dicom_peers``."""
+
+    ae: AE
+    ae_title: str
+    port: int
+    _server: Any
+
+    def _handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
+        raise NotImplementedError
+
+    def start(self) -> Self:
+        self._server = self.ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=self._handlers())
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    def peer_setting(self) -> str:
+        return f"{self.ae_title}@127.0.0.1:{self.port}"
+
+
 @dataclass
-class StgCmtArchive:
+class StgCmtArchive(_Peer):
     """A Storage Commitment Push Model SCP. ``mode``:
 
     - ``same``: reports every request on the request's association, right after the N-ACTION response;
@@ -115,19 +141,9 @@ class StgCmtArchive:
         self._server: Any = None
         self._lock = threading.Lock()
 
-    def start(self) -> StgCmtArchive:
-        self._server = self.ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[
-            (evt.EVT_N_ACTION, self._on_action), (evt.EVT_DIMSE_SENT, self._on_sent),
-            (evt.EVT_RELEASED, self._on_released)])
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
-
-    def peer_setting(self) -> str:
-        return f"{self.ae_title}@127.0.0.1:{self.port}"
+    def _handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
+        return [(evt.EVT_N_ACTION, self._on_action), (evt.EVT_DIMSE_SENT, self._on_sent),
+                (evt.EVT_RELEASED, self._on_released)]
 
     # --- the archive's side ----------------------------------------------------------------------------
     def _on_action(self, event: Any) -> tuple[int, None]:
@@ -185,7 +201,7 @@ class StgCmtArchive:
 
 
 @dataclass
-class MppsPeer:
+class MppsPeer(_Peer):
     """An MPPS SCP that records every N-CREATE / N-SET it receives, in order."""
 
     ae_title: str = "MPPSFWD"
@@ -198,18 +214,8 @@ class MppsPeer:
         self.ae.add_supported_context(ModalityPerformedProcedureStep)
         self._server: Any = None
 
-    def start(self) -> MppsPeer:
-        self._server = self.ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[
-            (evt.EVT_N_CREATE, self._on_create), (evt.EVT_N_SET, self._on_set)])
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
-
-    def peer_setting(self) -> str:
-        return f"{self.ae_title}@127.0.0.1:{self.port}"
+    def _handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
+        return [(evt.EVT_N_CREATE, self._on_create), (evt.EVT_N_SET, self._on_set)]
 
     def _on_create(self, event: Any) -> tuple[int, Dataset]:
         ds = event.attribute_list
