@@ -157,14 +157,20 @@ def backend_cpu(database_name: str) -> dict[int, float]:
     return found
 
 
-def bench_import(url: str, folder: Path) -> ImportRun:
+NO_PARSING_PROCESS = [sys.executable, "-c", "import sys; import broker.worklist_files.folders as f; "
+                      "f.PARSING_PROCESS_MINIMUM = 1 << 60; from broker.cli import main; "
+                      "raise SystemExit(main(sys.argv[1:]))"]
+
+
+def bench_import(url: str, folder: Path, *, parsing_process: bool = True) -> ImportRun:
     """``broker import-worklist`` on the folder, with the CPU time of the command and of the database
     server's processes for it (polled every 0.2 s: a backend's last value before it exits is kept)."""
     count = sum(1 for _ in folder.rglob("*.wl"))
     database_name = url.rsplit("/", 1)[1] if url.startswith("postgresql") else ""
     server: dict[int, float] = {}
     started = time.perf_counter()
-    child = subprocess.Popen([*BROKER, "import-worklist", str(folder)], cwd=ROOT, env=environment(url))
+    command = BROKER if parsing_process else NO_PARSING_PROCESS
+    child = subprocess.Popen([*command, "import-worklist", str(folder)], cwd=ROOT, env=environment(url))
     while True:
         server.update(backend_cpu(database_name))
         pid, status, usage = os.wait4(child.pid, os.WNOHANG)
@@ -247,6 +253,9 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=100_000)
     parser.add_argument("--latency-files", type=int, default=1_000)
     parser.add_argument("--backend", choices=("sqlite", "postgresql"), default="sqlite")
+    parser.add_argument("--compare-parsing-process", action="store_true",
+                        help="import the folder twice into two fresh databases: parsed in the importing "
+                             "process, then with the parsing process (A/B on the same files)")
     parser.add_argument("--pg-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-wl-"))
@@ -256,6 +265,11 @@ def main() -> None:
             started = time.perf_counter()
             write_folder(work / "export", args.files)
             print(f"wrote {args.files} .wl files in {time.perf_counter() - started:.1f} s", flush=True)
+            if args.compare_parsing_process:
+                alone = bench_import(url, work / "export", parsing_process=False)
+                print("without parsing process:", alone.line(args.backend), flush=True)
+                url = database(args.backend, work / "second", args.pg_url)
+                print("with parsing process:   ", end=" ", flush=True)
             print(bench_import(url, work / "export").line(args.backend), flush=True)
         if args.latency_files:
             latencies = bench_latency(url, work / "watched", args.latency_files, offset=args.files + 1)

@@ -9,7 +9,7 @@ import pytest
 from pydicom import Dataset
 from worklist_file_support import Item, wl_bytes, write_wl
 
-from broker.dicom_json import value
+from broker.dicom_json import tag_of, value
 from broker.domain.worklist_item import step_item
 from broker.worklist_files.folders import is_worklist_name, list_files
 from broker.worklist_files.identity import ORDER_ISSUER, derived_study_uid, identity_of, order_number
@@ -123,3 +123,15 @@ def test_the_summary_counts_and_names_the_refused_files() -> None:
     assert summary.lines() == ["items read: 4", "created: 1", "updated: 1", "unchanged: 0", "refused: 2",
                                "  c.wl: no Patient ID", "  d.wl: empty file"]
     assert summary.lines(dry_run=True)[1] == "would be created: 1"
+
+
+@pytest.mark.parametrize(("charset", "name"), [("ISO_IR 192", "MÜLLER^ZOË=山田^花子"), ("ISO_IR 100", "GÅRD^ÉLISE")])
+def test_names_in_the_files_character_set_are_read_as_text(charset: str, name: str) -> None:
+    """ISO_IR 192 (UTF-8) and ISO_IR 100 (Latin-1) files: the item and the patient hold the decoded
+    name (the JSON item is text; the worklist SCP encodes it for each modality's character set)."""
+    entry = read_entry(wl_bytes(Item("C1", charset=charset, name=name).dataset()), "c1.wl")
+    alphabetic, _, ideographic = name.partition("=")
+    [person] = entry.patient.attributes[tag_of("PatientName")]["Value"]
+    assert person == ({"Alphabetic": alphabetic, "Ideographic": ideographic} if ideographic else {"Alphabetic": name})
+    [procedure] = entry.order.procedures
+    assert value(procedure.steps[0].item, "SpecificCharacterSet") == charset
