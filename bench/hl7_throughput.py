@@ -357,10 +357,11 @@ class RssSampler:
         self._thread.join(timeout=2)
 
 
-@dataclasses.dataclass
-class Broker:
+class ChildProcess:
+    """A process the benchmark started, its output in ``log_path``: what the benchmarks ask of one (its
+    pid for the CPU readings, whether it still runs, the end of its log for an error message)."""
+
     process: subprocess.Popen[bytes]
-    port: int
     log_path: Path
 
     @property
@@ -376,6 +377,13 @@ class Broker:
         except OSError:
             return ""
         return "\n".join(text.splitlines()[-lines:])
+
+
+@dataclasses.dataclass
+class Broker(ChildProcess):
+    process: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
 
 
 def start_broker(database_url: str, workdir: Path) -> Broker:

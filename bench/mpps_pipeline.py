@@ -57,6 +57,7 @@ if str(ROOT) not in sys.path:
 
 from bench.hl7_throughput import (  # noqa: E402
     SAMPLE,
+    ChildProcess,
     MessageFactory,
     RssSampler,
     _fmt,
@@ -146,23 +147,10 @@ class TestRis:
 
 
 @dataclasses.dataclass
-class Process:
+class Process(ChildProcess):
     name: str
     process: subprocess.Popen[bytes]
     log_path: Path
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
 
 
 def spawn(name: str, command: list[str], env: dict[str, str], workdir: Path) -> Process:
