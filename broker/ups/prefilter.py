@@ -18,9 +18,12 @@ Two kinds of keys:
 
 The statement (:func:`candidate_ids`) is therefore a UNION: the steps whose columns match (each
 alternative of Worklist Label and of the start its own SELECT, so each can use an index:
-``ix_steps_station_start``, ``ix_steps_modality_start``, ``ix_steps_start``), and the steps that have a
-``ups_workitems`` row (steps only UPS touched: N-CREATE, N-SET, a claim or cancel; HL7 steps that no UPS
-SCU changed have none) checked there with "column matches or the key is overridden".
+``ix_steps_station_start``, ``ix_steps_modality_start``, ``ix_steps_start``), and the steps whose
+``ups_workitems`` row holds at least one of the overridable keys of the query, checked with "column
+matches or the key is overridden" per key. A workitem row exists once UPS touched the step (N-CREATE,
+N-SET, a claim, a cancel); HL7 steps that no UPS SCU changed have none, and a claim or cancel stores
+none of these keys, so that branch reads the workitems (a cheap JSON key test each) but probes only the
+few steps whose attributes override a key.
 
 Multi-valued stored attributes: the columns hold the first value (``broker.domain.worklist_item``); the
 keys used here are VM 1, so a stored item has one value.
@@ -130,11 +133,16 @@ def candidate_ids(pre: Prefilter, dialect_name: str) -> Select[Any]:
                for choice in product(*(o.alternatives for o in split))]
     attributes = WORKITEMS.c.attributes
     overridden = [or_(*o.alternatives, _has_key(attributes, o.json_tag, dialect_name)) for o in pre.overridable]
-    # Driven by ups_workitems (the EXISTS keeps that order on SQLite, whose planner scanned every step and
-    # probed ups_workitems when that table had no statistics yet): one primary-key probe per workitem.
-    on_step = select(STEPS.c.id).where(STEPS.c.id == WORKITEMS.c.step_fk, *base, *overridden)
-    selects.append(select(WORKITEMS.c.step_fk.label("id")).where(on_step.exists()))
-    ids = union(*selects).subquery()
+    # Only workitems holding one of the keys at all: without any, the step passes on its columns alone,
+    # as in the SELECTs above (a claim stores no such key). Driven by ups_workitems (the EXISTS keeps that
+    # order on SQLite, whose planner scanned every step and probed ups_workitems when that table had no
+    # statistics yet): one primary-key probe per such workitem.
+    if pre.overridable:  # else the steps with a workitem pass on their columns, above
+        holds_one = or_(*(_has_key(attributes, tag, dialect_name)
+                          for tag in dict.fromkeys(o.json_tag for o in pre.overridable)))
+        on_step = select(STEPS.c.id).where(STEPS.c.id == WORKITEMS.c.step_fk, *base, *overridden)
+        selects.append(select(WORKITEMS.c.step_fk.label("id")).where(holds_one, on_step.exists()))
+    ids = (union(*selects) if len(selects) > 1 else selects[0]).subquery()
     return select(ids.c.id).order_by(ids.c.id)
 
 

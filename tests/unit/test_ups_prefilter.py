@@ -117,6 +117,9 @@ def test_station_and_today_is_one_select_per_index_and_one_for_workitems() -> No
     assert "scheduled_steps.scheduled_start >= '2026-12-05 00:00:00.000000'" in sql
     assert "scheduled_steps.scheduled_start < '2026-12-06 00:00:00.000000'" in sql
     assert "scheduled_steps.scheduled_start IS NULL AND scheduled_steps.sps_start_date != ''" in sql
+    # the workitems branch: only those holding Worklist Label or the start at all
+    assert "json_type(ups_workitems.attributes, '$.\"00741202\"') IS NOT NULL OR " \
+           "json_type(ups_workitems.attributes, '$.\"00404005\"') IS NOT NULL" in sql
 
 
 def test_patient_keys_always_come_from_the_item() -> None:
@@ -128,6 +131,7 @@ def test_patient_keys_always_come_from_the_item() -> None:
     assert "scheduled_steps.patient_name_norm IN ('DOE^JANE', 'DOE^JANE^', 'DOE^JANE^^', 'DOE^JANE^^^', " \
            "'DOE^JANE^^^^')" in sql
     assert "scheduled_steps.sps_status IN ('SCHEDULED', 'ARRIVED', 'READY')" in sql
+    assert "ups_workitems" not in sql  # steps with a workitem pass on these columns like any other
 
 
 def test_study_and_request_keys_may_be_overridden() -> None:
