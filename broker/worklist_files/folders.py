@@ -245,10 +245,14 @@ class Folder:
                 yield from self.handle_many(paths, dry_run=dry_run)
             return
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            pending: tuple[list[Read], list[Outcome], Future[list[Parsed]]] | None = None
+            pending: tuple[list[Read], list[Outcome], Future[list[Parsed]] | None] | None = None
             for paths in batches:
                 reads, outcomes = self._read(paths, dry_run=dry_run)
-                future = pool.submit(parse_many, self.key, [(r.path, r.data) for r in reads if not r.refusal])
+                future: Future[list[Parsed]] | None = None
+                try:
+                    future = pool.submit(parse_many, self.key, [(r.path, r.data) for r in reads if not r.refusal])
+                except RuntimeError:  # the parsing process is broken (BrokenProcessPool): parse here
+                    log.warning("worklist_folder.parsing_process_failed", folder=self.key)
                 if pending is not None:
                     yield from self._apply(*pending, dry_run=dry_run)
                 pending = (reads, outcomes, future)
