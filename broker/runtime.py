@@ -117,7 +117,8 @@ async def serve(settings: Settings) -> None:
     # Worklist folders (.wl files) as steps, read by the node holding the lease worklist-folders.
     folders: FolderWatcher | None = None
     if settings.worklist_folder_paths:
-        folders = watcher_from_settings(settings, make_engine(settings.database_url, pool_size=2, plan_each_execution=True))
+        folders_engine = make_engine(settings.database_url, pool_size=2, plan_each_execution=True)
+        folders = watcher_from_settings(settings, folders_engine)
         await asyncio.to_thread(folders.start)
     log.info("broker.started", hl7_port=settings.hl7_port and server.port,
              hl7_tls_port=settings.hl7_tls_port and server.tls_port, dicom_port=dicom.plain_port,
