@@ -12,10 +12,14 @@ Run it by hand from the repository root (it is not a test and is never collected
    (``wait4``'s ``ru_maxrss``), its CPU time per item (``wait4``'s user + system time) and, on
    PostgreSQL, the CPU time per item of the server processes serving the bench's database (their
    ``/proc/<pid>/stat``, polled while the command runs).
-2. *Latency*: ``broker run`` (a child process) watches an empty folder with the default settle time;
-   ``--latency-files`` files are each written under a hidden name and renamed into place, one after the
-   other, and a pynetdicom modality asks C-FIND for the file's Patient ID on one association until the
-   item is answered. Measured: rename -> first answer containing the item, p50 / p99 / max.
+2. *Latency*: ``--background-files`` files lie in the folder's ``WLFILES`` sub-folder (the wlmscpfs layout,
+   with its ``lockfile``). ``broker run`` (a child process, on the imported database) watches the folder
+   with the default settle time; once it answers for the last background file, ``--latency-files`` files
+   are each written under a hidden name and renamed into place, one after the other, and a pynetdicom
+   modality asks C-FIND for the file's Patient ID on one association until the item is answered. Then DCMTK
+   ``wlmscpfs -dfp`` serves the same folder and ``--peer-latency-files`` more renames are timed the same
+   way. Measured per server: rename -> first answer containing the item (p50 / p99 / max) and the CPU
+   time of its process tree per query sent.
 """
 
 from __future__ import annotations
@@ -42,7 +46,10 @@ from pydicom import Dataset  # noqa: E402
 from pydicom.dataset import FileMetaDataset  # noqa: E402
 from pydicom.uid import UID, ExplicitVRLittleEndian  # noqa: E402
 from pynetdicom import AE  # noqa: E402
+from pynetdicom.association import Association  # noqa: E402
 from pynetdicom.sop_class import ModalityWorklistInformationFind  # type: ignore[attr-defined]  # noqa: E402
+
+from bench.hl7_throughput import tree_cpu_seconds  # noqa: E402
 
 BROKER = [sys.executable, "-m", "broker"]
 UID_PREFIX = "1.2.826.0.1.3680043.10.543.99."
@@ -200,47 +207,134 @@ def wait_for_port(port: int, seconds: float = 60) -> None:
     raise SystemExit("broker run did not start")
 
 
-def bench_latency(url: str, folder: Path, count: int, offset: int) -> list[float]:
-    """Rename -> C-FIND answer, in seconds, for ``count`` files one after the other."""
+PEER_AE = "WLFILES"  # the latency folder's sub-folder: the called AE title wlmscpfs serves from it
+WLMSCPFS = shutil.which("wlmscpfs") or "wlmscpfs"
+
+
+@dataclass
+class Latencies:
+    """Rename -> C-FIND answer for one server, and the CPU its process tree spent meanwhile."""
+
+    server: str
+    seconds: list[float]
+    queries: int
+    cpu: float | None
+
+    def line(self) -> str:
+        ms = [value * 1000 for value in self.seconds]
+        cpu = f", CPU {self.cpu / self.queries * 1000:.1f} ms per query" if self.cpu is not None else ""
+        return (f"{self.server} (rename -> C-FIND, {len(ms)} files): p50 {percentile(ms, 50):.1f} ms, "
+                f"p99 {percentile(ms, 99):.1f} ms, max {max(ms):.1f} ms, mean {statistics.mean(ms):.1f} ms, "
+                f"{self.queries} queries{cpu}")
+
+
+def write_background(folder: Path, numbers: range) -> None:
+    """The files already in the served folder, with the ``lockfile`` wlmscpfs wants beside them."""
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / "lockfile").touch()
+    for n in numbers:
+        (folder / f"{n}.wl").write_bytes(wl_file(n))
+
+
+def _patient_query(n: int) -> Dataset:
+    identifier = Dataset()
+    identifier.PatientID = f"P{n:09d}"
+    step = Dataset()
+    step.ScheduledProcedureStepID = ""
+    identifier.ScheduledProcedureStepSequence = [step]
+    return identifier
+
+
+def _answered_at(assoc: Association, n: int) -> float | None:
+    """``perf_counter`` when a C-FIND for file ``n``'s Patient ID first returned the item, ``None`` when it
+    did not. Reads every response, the final one included: a new C-FIND sent while the last one's responses
+    are still coming is a protocol error for wlmscpfs."""
+    answered = None
+    final = None
+    for status, _ in assoc.send_c_find(_patient_query(n), ModalityWorklistInformationFind):
+        final = status
+        if answered is None and "Status" in status and status.Status in (0xFF00, 0xFF01):
+            answered = time.perf_counter()
+    if final is None or "Status" not in final:
+        raise SystemExit(f"C-FIND for file {n}: no final status (association aborted)")
+    return answered
+
+
+def time_renames(port: int, called_ae: str, folder: Path, numbers: range, *, ready: int | None = None,
+                 ) -> tuple[list[float], int]:
+    """Rename -> the first C-FIND response holding the item, in seconds, per file; and the queries sent.
+
+    ``ready``: a file number already in the folder, asked for first until answered (the server has read
+    the folder), before the clock starts.
+    """
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(ModalityWorklistInformationFind)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called_ae)
+    assert assoc.is_established
+    latencies, queries = [], 0
+    try:
+        if ready is not None:
+            deadline = time.monotonic() + 600
+            while _answered_at(assoc, ready) is None:
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"{called_ae} did not answer file {ready} within 600 s")
+                time.sleep(0.5)
+        for n in numbers:
+            temporary, final = folder / f".{n}.wl.tmp", folder / f"{n}.wl"
+            temporary.write_bytes(wl_file(n))
+            os.replace(temporary, final)
+            renamed = time.perf_counter()
+            while True:
+                queries += 1
+                answered = _answered_at(assoc, n)
+                if answered is not None:
+                    latencies.append(answered - renamed)
+                    break
+                if time.perf_counter() - renamed > 30:
+                    raise SystemExit(f"file {n} not answered within 30 s")
+    finally:
+        assoc.release()
+    return latencies, queries
+
+
+def bench_latency(url: str, root: Path, numbers: range, ready: int | None) -> Latencies:
+    """``broker run`` watching ``root`` (files renamed into its ``PEER_AE`` sub-folder)."""
     dicom_port, http_port = free_port(), free_port()
-    env = environment(url, BROKER_WORKLIST_FOLDERS=str(folder), BROKER_DICOM_PORT=str(dicom_port),
+    env = environment(url, BROKER_WORKLIST_FOLDERS=str(root), BROKER_DICOM_PORT=str(dicom_port),
                       BROKER_HTTP_PORT=str(http_port), BROKER_HL7_PORT=str(free_port()))
     broker = subprocess.Popen([*BROKER, "run"], cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
-    latencies = []
     try:
         wait_for_port(http_port)
         time.sleep(1.0)  # the watcher takes the lease and makes its first scan
-        ae = AE(ae_title="MODALITY")
-        ae.add_requested_context(ModalityWorklistInformationFind)
-        assoc = ae.associate("127.0.0.1", dicom_port, ae_title="BROKER")
-        assert assoc.is_established
-        try:
-            for n in range(offset, offset + count):
-                data = wl_file(n)
-                identifier = Dataset()
-                identifier.PatientID = f"P{n:09d}"
-                step = Dataset()
-                step.ScheduledProcedureStepID = ""
-                identifier.ScheduledProcedureStepSequence = [step]
-                temporary, final = folder / f".{n}.wl.tmp", folder / f"{n}.wl"
-                temporary.write_bytes(data)
-                os.replace(temporary, final)
-                renamed = time.perf_counter()
-                while True:
-                    found = any(status is not None and status.Status in (0xFF00, 0xFF01)
-                                for status, _ in assoc.send_c_find(identifier, ModalityWorklistInformationFind))
-                    if found:
-                        latencies.append(time.perf_counter() - renamed)
-                        break
-                    if time.perf_counter() - renamed > 30:
-                        raise SystemExit(f"file {n} not answered within 30 s")
-        finally:
-            assoc.release()
+        if ready is not None:
+            time_renames(dicom_port, "BROKER", root / PEER_AE, range(0), ready=ready)
+        before = tree_cpu_seconds(broker.pid)
+        latencies, queries = time_renames(dicom_port, "BROKER", root / PEER_AE, numbers)
+        after = tree_cpu_seconds(broker.pid)
     finally:
         broker.send_signal(signal.SIGTERM)
         broker.wait(30)
-    return latencies
+    cpu = after - before if before is not None and after is not None else None
+    return Latencies("broker", latencies, queries, cpu)
+
+
+def bench_latency_wlmscpfs(root: Path, numbers: range, ready: int | None) -> Latencies:
+    """DCMTK ``wlmscpfs`` serving ``root`` (it reads the folder's files at each query)."""
+    port = free_port()
+    server = subprocess.Popen([WLMSCPFS, "-csk", "-dfp", str(root), str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port)
+        if ready is not None:
+            time_renames(port, PEER_AE, root / PEER_AE, range(0), ready=ready)
+        before = tree_cpu_seconds(server.pid)
+        latencies, queries = time_renames(port, PEER_AE, root / PEER_AE, numbers)
+        after = tree_cpu_seconds(server.pid)
+    finally:
+        server.terminate()
+        server.wait(10)
+    cpu = after - before if before is not None and after is not None else None
+    return Latencies("wlmscpfs", latencies, queries, cpu)
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -252,6 +346,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--files", type=int, default=100_000)
     parser.add_argument("--latency-files", type=int, default=1_000)
+    parser.add_argument("--background-files", type=int, default=10_000,
+                        help="files already in the folder the latency runs rename into")
+    parser.add_argument("--peer-latency-files", type=int, default=100,
+                        help="renames timed against DCMTK wlmscpfs serving the same folder (0 = none)")
     parser.add_argument("--backend", choices=("sqlite", "postgresql"), default="sqlite")
     parser.add_argument("--compare-parsing-process", action="store_true",
                         help="import the folder twice into two fresh databases: parsed in the importing "
@@ -271,11 +369,18 @@ def main() -> None:
                 url = database(args.backend, work / "second", args.pg_url)
                 print("with parsing process:   ", end=" ", flush=True)
             print(bench_import(url, work / "export").line(args.backend), flush=True)
-        if args.latency_files:
-            latencies = bench_latency(url, work / "watched", args.latency_files, offset=args.files + 1)
-            print(f"watcher latency ({args.backend}, rename -> C-FIND, {len(latencies)} files): "
-                  f"p50 {percentile(latencies, 50) * 1000:.1f} ms, p99 {percentile(latencies, 99) * 1000:.1f} ms, "
-                  f"max {max(latencies) * 1000:.1f} ms, mean {statistics.mean(latencies) * 1000:.1f} ms")
+        if args.latency_files or args.peer_latency_files:
+            root = work / "watched"
+            first = args.files + 1
+            background = range(first, first + args.background_files)
+            write_background(root / PEER_AE, background)
+            ready = background[-1] if args.background_files else None
+            numbers = range(background.stop, background.stop + args.latency_files)
+            if args.latency_files:
+                print(bench_latency(url, root, numbers, ready).line(), flush=True)
+            if args.peer_latency_files:
+                peer_numbers = range(numbers.stop, numbers.stop + args.peer_latency_files)
+                print(bench_latency_wlmscpfs(root, peer_numbers, ready).line(), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
